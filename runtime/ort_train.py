@@ -1,0 +1,117 @@
+"""The one place the runtime talks to ONNX Runtime's training API.
+
+`onnxruntime.training.api` imports torch (DESIGN.md), so this adapter uses the
+pybind layer directly, exactly as ORT's own thin wrappers (Module, Optimizer,
+CheckpointState) do.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Sequence
+
+import numpy as np
+from onnxruntime.capi import _pybind_state as C
+from onnxruntime.capi.onnxruntime_inference_collection import OrtValue, get_ort_device_type
+
+from .fsutil import atomic_path
+
+
+def has_training_api() -> bool:
+    return hasattr(C, "Module") and hasattr(C, "load_checkpoint")
+
+
+def _device(device: str = "cpu"):
+    kind, _, idx = device.partition(":")
+    i = int(idx or 0)
+    return C.OrtDevice(get_ort_device_type(kind, i), C.OrtDevice.default_memory(), i)
+
+
+def _session_options(threads: int = 0):
+    so = C.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+class Checkpoint:
+    """Parameters (trainable and frozen) and optimizer state, as ORT keeps them."""
+
+    def __init__(self, path):
+        self.state = C.load_checkpoint(os.fspath(path))
+
+    def names(self) -> List[str]:
+        return list(self.state.parameter_names())
+
+    def get(self, name: str) -> np.ndarray:
+        return self.state.get_parameter(name).data.numpy().copy()
+
+    def requires_grad(self, name: str) -> bool:
+        return bool(self.state.get_parameter(name).requires_grad)
+
+    def set(self, name: str, value: np.ndarray) -> None:
+        self.state.copy_parameter_from(name, OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))._ortvalue)
+
+    def property(self, name: str, default=None):
+        return self.state.get_property(name) if self.state.has_property(name) else default
+
+    def set_property(self, name: str, value) -> None:
+        self.state.add_property(name, value)
+
+    def save(self, path, include_optimizer_state: bool = True) -> None:
+        """Atomic: written to a temp name, fsynced, renamed."""
+        with atomic_path(path) as tmp:
+            C.save_checkpoint(self.state, os.fspath(tmp), include_optimizer_state)
+
+
+class Trainer:
+    """Training module + optimizer over one checkpoint (ORT's Module/Optimizer)."""
+
+    def __init__(self, training_model, eval_model, optimizer_model, checkpoint: Checkpoint,
+                 device: str = "cpu", threads: int = 0):
+        dev = _device(device)
+        self.checkpoint = checkpoint
+        self.module = C.Module(os.fspath(training_model), checkpoint.state, os.fspath(eval_model), dev,
+                               _session_options(threads))
+        self.optimizer = C.Optimizer(os.fspath(optimizer_model), checkpoint.state, dev, _session_options(threads))
+
+    @staticmethod
+    def _run(fn, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+        out = C.OrtValueVector()
+        fn([np.ascontiguousarray(x) for x in inputs], out)
+        return [out[i].numpy() for i in range(len(out))]
+
+    def train_step(self, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """Forward + backward; gradients accumulate until `optimizer_step`."""
+        return self._run(self.module.train_step, inputs)
+
+    def eval_step(self, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+        return self._run(self.module.eval_step, inputs)
+
+    def optimizer_step(self) -> None:
+        self.optimizer.optimizer_step()
+        self.module.lazy_reset_grad()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.get_learning_rate())
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.optimizer.set_learning_rate(float(value))
+
+    def input_names(self, training: bool = True) -> List[str]:
+        return list(self.module.input_names(training))
+
+    def output_names(self, training: bool = True) -> List[str]:
+        return list(self.module.output_names(training))
+
+    def trainable_size(self) -> int:
+        return int(self.module.get_parameters_size(True))
+
+    def sync_to_checkpoint(self) -> None:
+        """Module keeps parameters in the checkpoint state already; nothing to copy."""
+        return None
+
+
+def parameters_of(checkpoint: Checkpoint, names: Sequence[str]) -> Dict[str, np.ndarray]:
+    return {n: checkpoint.get(n) for n in names}

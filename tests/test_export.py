@@ -1,0 +1,191 @@
+"""Exporter: scoring, allocation, graph rewrite, ORT artifacts, bundle, bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from taskedge.export import importance as imp
+from taskedge.export.calibrate import activation_norms
+from taskedge.export.config import ExportConfig
+from taskedge.export.exporter import export_bundle
+from taskedge.export.layers import find_weight_ops
+from taskedge.runtime import bundle as B
+from taskedge.runtime.ort_train import Checkpoint, Trainer
+
+from conftest import make_task, run_cli
+
+
+def test_importance_matches_numpy_on_a_real_layer(mlp_onnx, mlp_data):
+    """Calibrated norms and |W|*||X|| for the first Gemm equal a direct numpy computation."""
+    model = onnx.load(str(mlp_onnx))
+    ops = find_weight_ops(model)
+    x = np.load(mlp_data / "train.npz")["x"]
+    norms = activation_norms(model, ops, [{"x": x[:200]}, {"x": x[200:]}])
+    first = ops[0]                                       # Gemm(x, W[64,16], transB=1)
+    w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == first.weight))
+    expected_norm = np.sqrt((x.astype(np.float64) ** 2).sum(0))
+    np.testing.assert_allclose(norms["x"], expected_norm, rtol=1e-5)
+    scores = imp.importance(first.rows_view(w), first.row_norms(norms["x"]))
+    np.testing.assert_allclose(scores, np.abs(w) * expected_norm[None, :], rtol=1e-5)
+    # the second layer's input is ReLU(first layer): check it too
+    h = np.maximum(x @ w.T + numpy_helper.to_array(model.graph.initializer[1]), 0)
+    np.testing.assert_allclose(norms[ops[1].activation], np.sqrt((h.astype(np.float64) ** 2).sum(0)), rtol=1e-4)
+
+
+def test_allocation_gives_every_row_k_and_the_top_scores():
+    rng = np.random.default_rng(0)
+    s = rng.random((7, 12)).astype(np.float32)
+    idx = imp.select_topk(s, 3)
+    assert idx.shape == (7, 3)
+    for r in range(7):
+        assert set(idx[r]) == set(np.argsort(-s[r])[:3])
+    assert imp.per_row_k(1000, [10, 20], [5, 5]) == 33
+    assert imp.per_row_k(5, [10, 20], [5, 5]) == 1          # k >= 1 always
+    assert imp.layer_k(33, 12) == 12                         # capped by the row length
+    assert imp.layer_k(10, 12, (2, 4)) == 6                  # capped by N:M
+
+
+def test_nm_never_more_than_n_per_group_and_best_under_constraint():
+    rng = np.random.default_rng(1)
+    s = rng.random((50, 30)).astype(np.float32)
+    idx = imp.select_topk(s, 8, (2, 4))
+    assert imp.check_nm(idx, (2, 4)) <= 2
+    # brute force for one row: best total score with <= 2 per group of 4
+    row = s[0]
+    best = sorted((v for g in range(0, 30, 4) for v in sorted(row[g:g + 4])[::-1][:2]), reverse=True)[:8]
+    assert np.isclose(row[idx[0]].sum(), sum(best))
+
+
+@pytest.mark.parametrize("bad", ["2", "4:2", "a:b", "0:4"])
+def test_bad_nm_is_rejected(bad):
+    with pytest.raises(ValueError, match="--nm"):
+        imp.parse_nm(bad)
+
+
+def _train(bundle, x, y, steps=40):
+    ck = Checkpoint(bundle / B.CHECKPOINT)
+    tr = Trainer(bundle / B.TRAINING_MODEL, bundle / B.EVAL_MODEL, bundle / B.OPTIMIZER_MODEL, ck)
+    tr.lr = 0.01
+    losses = []
+    for s in range(steps):
+        i = np.arange(s * 32, s * 32 + 32) % len(x)
+        losses.append(float(tr.train_step([x[i], y[i]])[0]))
+        tr.optimizer_step()
+    return ck, tr, losses
+
+
+@pytest.mark.parametrize("form", ["gather", "scatter"])
+def test_small_model_trains_and_only_the_update_is_trainable(tmp_path, mlp_onnx, mlp_data, form):
+    out = tmp_path / "b"
+    m = export_bundle(ExportConfig(model=str(mlp_onnx), out=str(out), calib=str(mlp_data / "train.npz"),
+                                   budget=0.05, num_classes=3, formulation={"Gemm": form}), log=lambda s: None)
+    x, y = make_task()
+    ck, tr, losses = _train(out, x, y)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05
+    trainable = {n for n in ck.names() if ck.requires_grad(n)}
+    assert trainable == set(m.trainable_names)
+    assert tr.trainable_size() == m.trainable_params
+    assert all(layer.formulation == form for layer in m.layers)
+
+
+def test_conv_depthwise_and_3d_matmul_bundle_trains_with_nm(tmp_path, cnn_onnx):
+    rng = np.random.default_rng(0)
+    px = rng.standard_normal((128, 1, 8, 8)).astype(np.float32)
+    labels = (px[:, 0, :4].mean((1, 2)) > 0).astype(np.int64) + 2 * (px[:, 0, :, :4].mean((1, 2)) > 0)
+    np.savez(tmp_path / "c.npz", pixels=px, labels=labels)
+    out = tmp_path / "cnn"
+    m = export_bundle(ExportConfig(model=str(cnn_onnx), out=str(out), calib=str(tmp_path / "c.npz"),
+                                   budget=0.2, nm="2:4", num_classes=4), log=lambda s: None)
+    ops = {l.op for l in m.layers}
+    assert ops == {"Conv", "MatMul"}
+    dw = next(l for l in m.layers if l.cols == 9)          # depthwise: 1 channel x 3x3 per output
+    assert dw.k >= 1
+    alloc = np.load(out / B.ALLOCATION)
+    for l in m.layers:
+        assert imp.check_nm(alloc[l.weight], (2, 4)) <= 2
+        assert alloc[l.weight].shape == (l.rows, l.k)
+    ck, tr, losses = _train(out, px, labels, steps=30)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_lora_bundle_trains(tmp_path, mlp_onnx, mlp_data):
+    out = tmp_path / "lora"
+    m = export_bundle(ExportConfig(model=str(mlp_onnx), out=str(out), calib=str(mlp_data / "train.npz"),
+                                   budget=0.05, lora_rank=2, num_classes=3), log=lambda s: None)
+    assert all(len(l.params) == 2 for l in m.layers)
+    assert m.update_params == sum(2 * (l.rows + l.cols) for l in m.layers)
+    x, y = make_task()
+    _, _, losses = _train(out, x, y)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_manifest_hashes_and_inspect_json(mlp_bundle):
+    man = json.loads((mlp_bundle / B.MANIFEST).read_text())
+    assert man["schema_version"] == B.SCHEMA_VERSION
+    assert set(man["files"]) >= {B.TRAINING_MODEL, B.CHECKPOINT, B.BASE_MODEL, B.ALLOCATION}
+    r = run_cli("inspect", mlp_bundle, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["update_params"] == sum(l["trainable"] for l in info["layers"])
+    assert info["head_params"] == 64 * 3 + 3
+    assert all(l["min_inputs_per_neuron"] >= 1 for l in info["layers"])
+
+
+def test_corrupted_bundle_file_is_named(tmp_path, mlp_bundle):
+    import shutil
+    b = tmp_path / "b"
+    shutil.copytree(mlp_bundle, b)
+    data = bytearray((b / B.ALLOCATION).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (b / B.ALLOCATION).write_bytes(bytes(data))
+    r = run_cli("inspect", b)
+    assert r.returncode == 2 and "allocation.npz" in r.stderr and "sha256" in r.stderr
+
+
+def _no_weight_model(path):
+    from onnx import helper, TensorProto
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.parametrize("case", ["missing", "not_onnx", "no_weights", "bad_shape", "bad_dtype", "budget0",
+                                  "budget2", "bad_nm", "budget_too_small"])
+def test_bad_input_one_line_exit_2_nothing_left(tmp_path, mlp_onnx, mlp_data, case):
+    model, calib, extra = str(mlp_onnx), str(mlp_data / "train.npz"), []
+    if case == "missing":
+        model = str(tmp_path / "nope.onnx")
+    elif case == "not_onnx":
+        (tmp_path / "junk.onnx").write_bytes(b"\x00\x01 definitely not protobuf \xff" * 10)
+        model = str(tmp_path / "junk.onnx")
+    elif case == "no_weights":
+        _no_weight_model(tmp_path / "relu.onnx")
+        model = str(tmp_path / "relu.onnx")
+        np.savez(tmp_path / "c.npz", x=np.zeros((4, 4), np.float32))
+        calib = str(tmp_path / "c.npz")
+    elif case == "bad_shape":
+        np.savez(tmp_path / "c.npz", x=np.zeros((4, 15), np.float32))
+        calib = str(tmp_path / "c.npz")
+    elif case == "bad_dtype":
+        np.savez(tmp_path / "c.npz", x=np.zeros((4, 16), np.int64))
+        calib = str(tmp_path / "c.npz")
+    elif case == "budget0":
+        extra = ["--budget", "0"]
+    elif case == "budget2":
+        extra = ["--budget", "2"]
+    elif case == "bad_nm":
+        extra = ["--nm", "3:2"]
+    elif case == "budget_too_small":
+        extra = ["--budget", "0.0001"]
+    out = tmp_path / "out"
+    r = run_cli("export", model, "--out", out, "--calib", calib, "--num-classes", "3", *extra)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    errors = [l for l in r.stderr.splitlines() if "error:" in l]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
