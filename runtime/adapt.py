@@ -100,7 +100,7 @@ def plan_batch(trainer: Trainer, ds: Dataset, effective: int, budget_mb: float, 
         sampler.reset()
         trainer.train_step(ds.batch(np.arange(min(b, len(ds)))))
         trainer.module.lazy_reset_grad()
-        return sampler.peak_mb
+        return sampler.peak_mb()
 
     peak_of(1)                                   # warm-up: first run allocates kernels/caches
     p1 = peak_of(1)
@@ -226,7 +226,7 @@ def adapt(bundle_dir, opts: AdaptOptions, log: Callable[[str], None] = None) -> 
         run_steps += 1
         meter.tick()
         last_step_j = meter.energy_j - e_before
-        peak = sampler.peak_mb
+        peak = sampler.peak_mb()
         if peak > budget_mb and micro > 1:
             micro, accum = micro // 2, accum * 2
             stepdowns.append({"step": step, "peak_mb": round(peak, 1), "micro_batch": micro})
@@ -244,7 +244,7 @@ def adapt(bundle_dir, opts: AdaptOptions, log: Callable[[str], None] = None) -> 
             store.save(checkpoint, snapshot(), step)
     meter.tick()
     progress(step, losses[-1] if losses else float("nan"), run_steps / max(time.monotonic() - t0, 1e-9),
-             sampler.peak_mb, energy_prev + meter.energy_j, not meter.measured, force=True)
+             sampler.peak_mb(), energy_prev + meter.energy_j, not meter.measured, force=True)
     final = snapshot()
     ckpt = store.save(checkpoint, final, step)
     update_path = write_update(checkpoint, manifest, store.dir / "update.npz")
@@ -263,7 +263,7 @@ def adapt(bundle_dir, opts: AdaptOptions, log: Callable[[str], None] = None) -> 
                  "curve": curve[:: max(1, len(curve) // 50)]},
         "accuracy": {"before": acc_before, "after": acc_after, "eval_examples": len(eval_ds),
                      "eval_source": eval_source, "periodic": evals},
-        "memory": {"budget_mb": budget_mb, "peak_rss_mb": round(sampler.peak_mb, 1), "measured": True,
+        "memory": {"budget_mb": budget_mb, "peak_rss_mb": round(sampler.peak_mb(), 1), "measured": True,
                    "source": "psutil RSS sampled every 5 ms", "plan": plan, "stepdowns": stepdowns,
                    "final_micro_batch": micro},
         "energy": {"joules": round(energy_prev + meter.energy_j, 2), "budget_j": energy_budget,

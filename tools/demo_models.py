@@ -55,15 +55,15 @@ class Embeddings(nn.Module):
 class SelfAttention(nn.Module):
     def __init__(self, c=BertConfig):
         super().__init__()
-        self.heads = c.heads
+        self.heads, self.head_dim = c.heads, c.hidden // c.heads
         self.query, self.key, self.value = (nn.Linear(c.hidden, c.hidden) for _ in range(3))
 
     def forward(self, x, bias):
-        b, t, d = x.shape
-        q, k, v = (lin(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        b, t, _ = x.shape
+        q, k, v = (lin(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
                    for lin in (self.query, self.key, self.value))
-        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads) + bias, dim=-1)
-        return (att @ v).transpose(1, 2).reshape(b, t, d)
+        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.head_dim) + bias, dim=-1)
+        return (att @ v).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
 
 
 class DenseAddNorm(nn.Module):

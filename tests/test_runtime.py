@@ -1,0 +1,135 @@
+"""Device runtime: no torch, budgets, checkpoints/resume, merge."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from taskedge.runtime import bundle as B
+
+from conftest import run_cli
+
+
+def test_runtime_never_imports_torch():
+    code = ("import sys, pkgutil, importlib, taskedge.runtime as r\n"
+            "for m in pkgutil.iter_modules(r.__path__): importlib.import_module('taskedge.runtime.' + m.name)\n"
+            "from taskedge.runtime.cli import build_parser; build_parser()\n"
+            "from taskedge.runtime.ort_train import has_training_api; assert has_training_api()\n"
+            "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def _adapt(bundle, data, run_dir, *extra):
+    r = run_cli("adapt", bundle, "--data", data, "--run-dir", run_dir, "--quiet", "--json", "--lr", "0.01", *extra)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_adapt_trains_and_reports(tmp_path, mlp_bundle, mlp_data):
+    rep = _adapt(mlp_bundle, mlp_data / "train.npz", tmp_path / "run", "--steps", "60",
+                 "--eval-data", mlp_data / "test.npz", "--profile", "jetson-orin-nano-8gb")
+    assert rep["stop_reason"] == "steps" and rep["steps"] == 60
+    assert rep["loss"]["last10_mean"] < rep["loss"]["first10_mean"]
+    assert rep["accuracy"]["after"] > rep["accuracy"]["before"]
+    assert rep["energy"]["measured"] is False and "estimate" in rep["energy"]["source"]
+    assert rep["memory"]["measured"] is True and rep["memory"]["peak_rss_mb"] > 0
+    assert (tmp_path / "run" / "update.npz").is_file()
+
+
+def test_resume_after_energy_stop_gives_the_same_update(tmp_path, mlp_bundle, mlp_data):
+    data = mlp_data / "train.npz"
+    full = _adapt(mlp_bundle, data, tmp_path / "a", "--steps", "40")
+    part = _adapt(mlp_bundle, data, tmp_path / "b", "--steps", "40", "--energy-budget-j", "0.03")
+    assert part["stop_reason"] == "energy_budget" and 0 < part["steps"] < 40
+    # stopped within one step's energy of the budget, and left a checkpoint
+    per_step = part["energy"]["joules"] / part["steps"]
+    assert part["energy"]["joules"] <= 0.03 + 2 * per_step
+    assert (tmp_path / "b" / f"ckpt-{part['steps']:08d}").is_file()
+    rest = _adapt(mlp_bundle, data, tmp_path / "b", "--steps", "40", "--resume", "--energy-budget-j", "1000")
+    assert rest["steps"] == 40 and rest["steps_this_run"] == 40 - part["steps"]
+    a, b = np.load(tmp_path / "a" / "update.npz"), np.load(tmp_path / "b" / "update.npz")
+    for k in a.files:
+        assert np.array_equal(a[k], b[k]), k          # bit-identical
+
+
+def test_existing_run_needs_resume_or_fresh(tmp_path, mlp_bundle, mlp_data):
+    _adapt(mlp_bundle, mlp_data / "train.npz", tmp_path / "r", "--steps", "3")
+    r = run_cli("adapt", mlp_bundle, "--data", mlp_data / "train.npz", "--run-dir", tmp_path / "r", "--steps", "3")
+    assert r.returncode == 2 and "--resume" in r.stderr
+
+
+def test_merge_matches_eval_outputs_and_runs_in_plain_onnxruntime(tmp_path, mlp_bundle, mlp_data):
+    from taskedge.runtime.ort_train import Checkpoint, Trainer
+    _adapt(mlp_bundle, mlp_data / "train.npz", tmp_path / "run", "--steps", "30")
+    merged = tmp_path / "merged.onnx"
+    r = run_cli("merge", mlp_bundle, "--out", merged, "--run-dir", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    z = np.load(mlp_data / "test.npz")
+    ck = Checkpoint(tmp_path / "run" / "ckpt-00000030")
+    tr = Trainer(mlp_bundle / B.TRAINING_MODEL, mlp_bundle / B.EVAL_MODEL, mlp_bundle / B.OPTIMIZER_MODEL, ck)
+    want = tr.eval_step([z["x"], z["labels"]])[1]
+    sess = ort.InferenceSession(str(merged), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": z["x"]})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    base = ort.InferenceSession(str(mlp_bundle / B.BASE_MODEL), providers=["CPUExecutionProvider"])
+    assert np.abs(base.run(None, {"x": z["x"]})[0] - got).max() > 1e-3     # the update did change the model
+    r = run_cli("eval", mlp_bundle, "--data", mlp_data / "test.npz", "--model", merged, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["accuracy"] == pytest.approx(
+        float((got.argmax(1) == z["labels"]).mean()))
+
+
+@pytest.fixture(scope="module")
+def conv_bundle(tmp_path_factory):
+    """A conv net on 48x48 images: activations grow with the batch, so the plan matters."""
+    import torch
+    from taskedge.export.config import ExportConfig
+    from taskedge.export.exporter import export_bundle
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(32, 32, 3, padding=1, groups=32), torch.nn.ReLU(),
+                              torch.nn.Conv2d(32, 32, 1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 4))
+    d = tmp_path_factory.mktemp("conv")
+    torch.onnx.export(net, (torch.randn(2, 3, 48, 48),), str(d / "c.onnx"), dynamo=False, input_names=["pixels"],
+                      output_names=["y"], dynamic_axes={"pixels": {0: "b"}, "y": {0: "b"}}, opset_version=17)
+    rng = np.random.default_rng(0)
+    px = rng.standard_normal((256, 3, 48, 48)).astype(np.float32)
+    np.savez(d / "data.npz", pixels=px, labels=rng.integers(0, 4, 256))
+    export_bundle(ExportConfig(model=str(d / "c.onnx"), out=str(d / "bundle"), calib=str(d / "data.npz"),
+                               budget=0.05, num_classes=4), log=lambda m: None)
+    return d
+
+
+def test_memory_budget_plans_micro_batch_and_peak_stays_under(tmp_path, conv_bundle):
+    data = conv_bundle / "data.npz"
+    free = _adapt(conv_bundle / "bundle", data, tmp_path / "a", "--steps", "3", "--batch-size", "64",
+                  "--memory-budget-mb", "20000")
+    plan = free["memory"]["plan"]
+    assert plan["micro_batch"] == 64 and plan["mb_per_sample"] > 0.5
+    # a budget between batch-1's need and the full batch's: the plan must shrink the micro-batch
+    budget = plan["peak_mb_at_1"] + 0.4 * (free["memory"]["peak_rss_mb"] - plan["peak_mb_at_1"])
+    tight = _adapt(conv_bundle / "bundle", data, tmp_path / "b", "--steps", "3", "--batch-size", "64",
+                   "--memory-budget-mb", f"{budget:.0f}")
+    print(f"budget {budget:.0f} MB: plan {tight['memory']['plan']}, peak {tight['memory']['peak_rss_mb']} MB "
+          f"(unconstrained peak {free['memory']['peak_rss_mb']} MB)")
+    assert tight["memory"]["plan"]["micro_batch"] < 64
+    assert tight["memory"]["peak_rss_mb"] <= budget
+
+
+def test_memory_budget_below_batch_one_refuses_before_training(tmp_path, conv_bundle):
+    r = run_cli("adapt", conv_bundle / "bundle", "--data", conv_bundle / "data.npz", "--run-dir", tmp_path / "r",
+                "--memory-budget-mb", "50", "--steps", "3")
+    assert r.returncode == 2 and "even micro-batch 1" in r.stderr
+    assert not list((tmp_path / "r").glob("ckpt-*")) if (tmp_path / "r").exists() else True
+
+
+def test_bad_data_is_named(tmp_path, mlp_bundle):
+    np.savez(tmp_path / "bad.npz", x=np.zeros((8, 16), np.float32), labels=np.full(8, 7))
+    r = run_cli("adapt", mlp_bundle, "--data", tmp_path / "bad.npz", "--run-dir", tmp_path / "r")
+    assert r.returncode == 2 and "bad.npz" in r.stderr and "label 7" in r.stderr
