@@ -1,11 +1,21 @@
-"""The on-device adaptation loop: plan the batch under the memory budget, run sparse
-updates with ORT's training API while metering energy and memory, checkpoint, resume."""
+"""The on-device adaptation loop.
+
+plan the micro-batch under the memory budget -> sparse steps with ORT's training API
+(metering energy and memory) -> periodic eval and atomic checkpoints -> stop at the
+step/time/energy budget -> final checkpoint, update.npz and a report.
+
+Robustness (power loss, divergence, memory pressure) lives here too: the data order is
+a function of the step alone, so `--resume` replays exactly; a NaN/Inf loss or update
+rolls back to the last good checkpoint with a lower learning rate (3 tries); a lowered
+budget in the control file or a failed allocation steps the micro-batch down.
+"""
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -16,8 +26,10 @@ from .checkpoints import CheckpointStore
 from .data import Dataset, load_dataset, split
 from .fsutil import UserError, atomic_path
 from .ort_train import Checkpoint, Trainer
-from .profiles import DeviceProfile, load_profile
-from .telemetry import MemorySampler, make_power_meter, rss_mb
+from .profiles import load_profile
+from .telemetry import MemorySampler, make_power_meter
+
+MAX_DIVERGENCE_RETRIES = 3
 
 
 @dataclass
@@ -31,10 +43,10 @@ class AdaptOptions:
     max_seconds: Optional[float] = None
     steps: Optional[int] = None
     epochs: Optional[float] = None
-    batch_size: int = 32              # effective batch (micro-batch x accumulation)
+    batch_size: int = 32               # effective batch (micro-batch x accumulation)
     micro_batch: Optional[int] = None  # force the micro-batch (skips planning)
     lr: Optional[float] = None
-    schedule: str = "cosine"          # cosine | linear | constant
+    schedule: str = "cosine"           # cosine | linear | constant
     warmup: int = 10
     eval_every: int = 0
     checkpoint_every: int = 50
@@ -42,6 +54,8 @@ class AdaptOptions:
     resume: bool = False
     fresh: bool = False
     run_dir: Optional[str] = None
+    control_file: Optional[str] = None  # JSON {"memory_budget_mb": X}, re-read every step
+    skip_bad: bool = False
     seed: int = 0
     device: str = "cpu"
     threads: int = 0
@@ -58,8 +72,8 @@ def lr_at(step: int, total: int, base: float, schedule: str, warmup: int) -> flo
 
 
 def batch_indices(step: int, n: int, batch: int, seed: int) -> np.ndarray:
-    """The examples of global step `step`: a per-epoch permutation, fixed by (seed, epoch).
-    A resumed run therefore sees exactly the data an uninterrupted one would."""
+    """The examples of global step `step`: a per-epoch permutation fixed by (seed, epoch),
+    so a resumed run sees exactly the data an uninterrupted one would."""
     per_epoch = max(1, math.ceil(n / batch))
     epoch, pos = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n)
@@ -74,208 +88,296 @@ def accuracy(trainer: Trainer, ds: Dataset, batch: int) -> float:
     return correct / max(1, len(ds))
 
 
+def _is_alloc_failure(e: Exception) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "alloc" in text or "out of memory" in text or "bad_alloc" in text
+
+
 class Progress:
+    """One status line on stderr, refreshed at most twice a second."""
+
     def __init__(self, total: Optional[int], quiet: bool):
         self.total, self.quiet, self.last = total, quiet, 0.0
 
-    def __call__(self, step, loss, rate, mem, energy, est, force=False):
+    def __call__(self, step, loss, rate, mem, budget, energy, estimated, final=False):
         now = time.monotonic()
-        if self.quiet or (not force and now - self.last < 0.5):
+        if self.quiet or (not final and now - self.last < 0.5):
             return
         self.last = now
+        bar = ""
+        if self.total:
+            done = int(20 * min(1.0, step / self.total))
+            bar = "[" + "#" * done + "." * (20 - done) + "] "
         total = f"/{self.total}" if self.total else ""
-        frac = (step / self.total) if self.total else 0
-        bar = ("#" * int(20 * frac)).ljust(20) if self.total else ""
-        end = "\n" if force else "\r"
-        print(f"[adapt] {bar} step {step}{total}  loss {loss:.4f}  {rate:.2f} step/s  "
-              f"mem {mem:.0f} MB  energy {energy:.1f} J{' (est)' if est else ''}   ", end=end, file=sys.stderr,
-              flush=True)
+        print(f"\r[adapt] {bar}step {step}{total}  loss {loss:.4f}  {rate:.2f} step/s  "
+              f"mem {mem:.0f}/{budget:.0f} MB  energy {energy:.1f} J{' (est)' if estimated else ''}  ",
+              end="\n" if final else "", file=sys.stderr, flush=True)
 
 
-def plan_batch(trainer: Trainer, ds: Dataset, effective: int, budget_mb: float, sampler: MemorySampler,
-               log: Callable[[str], None]) -> Dict[str, object]:
-    """Measure the peak RSS of a train step at micro-batch 1 and 4 (gradients are reset
-    afterwards, so the probe changes nothing) and pick the largest micro-batch that fits."""
-    def peak_of(b: int) -> float:
-        sampler.reset()
-        trainer.train_step(ds.batch(np.arange(min(b, len(ds)))))
-        trainer.module.lazy_reset_grad()
-        return sampler.peak_mb()
+class Session:
+    """One adaptation run over a bundle; `run()` returns the report."""
 
-    peak_of(1)                                   # warm-up: first run allocates kernels/caches
-    p1 = peak_of(1)
-    probe = min(4, effective, len(ds))
-    pk = peak_of(probe) if probe > 1 else p1
-    slope = max(0.0, (pk - p1) / max(1, probe - 1))
-    if p1 > budget_mb:
-        raise UserError(f"even micro-batch 1 needs ~{p1:.0f} MB peak RSS, above the memory budget "
-                        f"{budget_mb:.0f} MB; raise --memory-budget-mb, pick a larger profile, or export "
-                        "with a layer cut-off / smaller model")
-    micro = 1
-    for b in (2, 4, 8, 16, 32, 64, 128, 256):
-        if b > effective or effective % b:
-            continue
-        if p1 + (b - 1) * slope <= 0.9 * budget_mb:
-            micro = b
-    plan = {"micro_batch": micro, "accumulation": effective // micro, "effective_batch": effective,
-            "peak_mb_at_1": round(p1, 1), "mb_per_sample": round(slope, 2),
-            "predicted_peak_mb": round(p1 + (micro - 1) * slope, 1)}
-    log(f"memory plan: micro-batch {micro} x {plan['accumulation']} accumulation "
-        f"(predicted peak {plan['predicted_peak_mb']} MB of {budget_mb:.0f} MB budget)")
-    return plan
-
-
-def adapt(bundle_dir, opts: AdaptOptions, log: Callable[[str], None] = None) -> dict:
-    log = log or (lambda m: None if opts.quiet else print(f"[adapt] {m}", file=sys.stderr, flush=True))
-    bundle_dir = Path(bundle_dir)
-    manifest = B.load_bundle(bundle_dir)
-    profile: DeviceProfile = load_profile(opts.profile)
-    budget_mb = float(opts.memory_budget_mb or profile.budget_mb)
-    energy_budget = opts.energy_budget_j if opts.energy_budget_j is not None else profile.energy_budget_j
-    train_ds = load_dataset(opts.data, manifest, bundle_dir)
-    if opts.eval_data:
-        eval_ds, eval_source = load_dataset(opts.eval_data, manifest, bundle_dir), opts.eval_data
-    else:
-        train_ds, eval_ds = split(train_ds, 0.1, opts.seed)
-        eval_source = f"holdout 10% of {opts.data}"
-    effective = max(1, min(opts.batch_size, len(train_ds)))
-
-    store = CheckpointStore(opts.run_dir or bundle_dir / "run", keep=opts.keep)
-    state: dict = {}
-    ckpt_path = bundle_dir / B.CHECKPOINT
-    if opts.resume:
-        found = store.latest(warn=log)
-        if found is None:
-            log(f"no checkpoint in {store.dir}; starting from the bundle")
+    def __init__(self, bundle_dir, opts: AdaptOptions, log: Optional[Callable[[str], None]] = None):
+        self.opts = opts
+        self.log = log or (lambda m: None if opts.quiet else print(f"\r[adapt] {m}", file=sys.stderr, flush=True))
+        self.dir = Path(bundle_dir)
+        self.manifest = B.load_bundle(self.dir)
+        self.profile = load_profile(opts.profile)
+        if opts.power_mode:
+            self.profile.mode_watts(opts.power_mode)          # validates the mode name
+        self.budget_mb = float(opts.memory_budget_mb or self.profile.budget_mb)
+        self.energy_budget = opts.energy_budget_j if opts.energy_budget_j is not None \
+            else self.profile.energy_budget_j
+        self.train_ds = load_dataset(opts.data, self.manifest, self.dir, skip_bad=opts.skip_bad)
+        if opts.eval_data:
+            self.eval_ds = load_dataset(opts.eval_data, self.manifest, self.dir, skip_bad=opts.skip_bad)
+            self.eval_source = str(opts.eval_data)
         else:
-            ckpt_path, state = found
-            log(f"resuming from {ckpt_path.name} (step {state['step']})")
-    elif store.steps():
-        if not opts.fresh:
-            raise UserError(f"{store.dir} already holds checkpoints; pass --resume to continue them "
-                            "or --fresh to start over")
-        store.clear()
+            self.train_ds, self.eval_ds = split(self.train_ds, 0.1, opts.seed)
+            self.eval_source = f"holdout 10% of {opts.data}"
+        if len(self.train_ds) == 0:
+            raise UserError(f"{opts.data}: no training records left")
+        self.store = CheckpointStore(opts.run_dir or self.dir / "run", keep=opts.keep)
+        self.control = Path(opts.control_file) if opts.control_file else self.store.dir / "control.json"
+        self._control_mtime = None
+        self.state: Dict[str, object] = {}
 
-    checkpoint = Checkpoint(ckpt_path)
-    trainer = Trainer(bundle_dir / B.TRAINING_MODEL, bundle_dir / B.EVAL_MODEL, bundle_dir / B.OPTIMIZER_MODEL,
-                      checkpoint, device=opts.device, threads=opts.threads)
-    sampler = MemorySampler(interval_ms=5)
-    sampler.start()
-    meter = make_power_meter(profile)
-    meter.start()
+    # -- setup ----------------------------------------------------------------
+    def _open(self, ckpt_path: Path) -> None:
+        self.checkpoint = Checkpoint(ckpt_path)
+        self.trainer = Trainer(self.dir / B.TRAINING_MODEL, self.dir / B.EVAL_MODEL, self.dir / B.OPTIMIZER_MODEL,
+                               self.checkpoint, device=self.opts.device, threads=self.opts.threads)
 
-    steps_per_epoch = math.ceil(len(train_ds) / effective)
-    total = opts.steps or (int(math.ceil(opts.epochs * steps_per_epoch)) if opts.epochs else None)
-    if total is None and not opts.max_seconds and energy_budget is None:
-        total = steps_per_epoch
-    base_lr = float(opts.lr or manifest.method.get("lr", 1e-3))
-    plan = state.get("plan")
-    if plan is None:
-        if opts.micro_batch:
-            plan = {"micro_batch": opts.micro_batch, "accumulation": max(1, effective // opts.micro_batch),
-                    "effective_batch": effective, "forced": True}
-        else:
-            plan = plan_batch(trainer, train_ds, effective, budget_mb, sampler, log)
-    micro, accum = int(plan["micro_batch"]), int(plan["accumulation"])
-    effective = int(plan["effective_batch"])
+    def _start_point(self) -> Path:
+        if self.opts.resume:
+            found = self.store.latest(warn=self.log)
+            if found is not None:
+                path, self.state = found
+                self.log(f"resuming from {path.name} (step {self.state['step']})")
+                return path
+            self.log(f"no checkpoint in {self.store.dir}; starting from the bundle")
+        elif self.store.steps():
+            if not self.opts.fresh:
+                raise UserError(f"{self.store.dir} already holds checkpoints; pass --resume to continue them "
+                                "or --fresh to start over")
+            self.store.clear()
+        return self.dir / B.CHECKPOINT
 
-    eval_batch = max(micro, 16)
-    acc_before = state.get("accuracy_before")
-    if acc_before is None:
-        acc_before = accuracy(trainer, eval_ds, eval_batch)
-        log(f"accuracy before adaptation: {acc_before:.4f} on {len(eval_ds)} examples ({eval_source})")
+    def plan_batch(self, effective: int) -> Dict[str, object]:
+        """Measure the peak RSS of a train step at micro-batch 1 and 4 (gradients are reset
+        afterwards, so the probe changes nothing) and pick the largest micro-batch that fits."""
+        def peak_of(b: int) -> float:
+            self.sampler.reset()
+            self.trainer.train_step(self.train_ds.batch(np.arange(min(b, len(self.train_ds)))))
+            self.trainer.module.lazy_reset_grad()
+            return self.sampler.peak_mb()
 
-    step = int(state.get("step", 0))
-    energy_prev = float(state.get("energy_j", 0.0))
-    seconds_prev = float(state.get("seconds", 0.0))
-    losses: List[float] = list(state.get("losses", []))
-    evals: List[list] = list(state.get("evals", []))
-    stepdowns: List[dict] = list(state.get("stepdowns", []))
-    progress = Progress(total, opts.quiet)
-    stop_reason, t0, last_step_j, run_steps = None, time.monotonic(), 0.0, 0
+        peak_of(1)                                   # warm-up: the first run allocates kernels and caches
+        p1 = peak_of(1)
+        probe = min(4, effective, len(self.train_ds))
+        pk = peak_of(probe) if probe > 1 else p1
+        slope = max(0.0, (pk - p1) / max(1, probe - 1))
+        if p1 > self.budget_mb:
+            raise UserError(f"even micro-batch 1 needs ~{p1:.0f} MB peak RSS, above the memory budget "
+                            f"{self.budget_mb:.0f} MB; raise --memory-budget-mb, pick a larger profile, or "
+                            "export fewer layers (--include/--exclude)")
+        micro = 1
+        for b in range(2, effective + 1):
+            if effective % b == 0 and p1 + (b - 1) * slope <= 0.9 * self.budget_mb:
+                micro = b
+        plan = {"micro_batch": micro, "accumulation": effective // micro, "effective_batch": effective,
+                "peak_mb_at_1": round(p1, 1), "mb_per_sample": round(slope, 3),
+                "predicted_peak_mb": round(p1 + (micro - 1) * slope, 1)}
+        self.log(f"memory plan: micro-batch {micro} x {plan['accumulation']} accumulation "
+                 f"(predicted peak {plan['predicted_peak_mb']} MB of {self.budget_mb:.0f} MB budget)")
+        return plan
 
-    def snapshot() -> dict:
-        return {"step": step, "plan": {**plan, "micro_batch": micro, "accumulation": accum},
-                "energy_j": energy_prev + meter.energy_j, "seconds": seconds_prev + time.monotonic() - t0,
-                "losses": losses, "evals": evals, "accuracy_before": acc_before, "stepdowns": stepdowns,
-                "seed": opts.seed, "effective_batch": effective}
+    # -- control --------------------------------------------------------------
+    def _read_control(self) -> None:
+        """A lowered memory budget written to the control file takes effect at the next step."""
+        try:
+            mtime = self.control.stat().st_mtime_ns
+        except OSError:
+            return
+        if mtime == self._control_mtime:
+            return
+        self._control_mtime = mtime
+        try:
+            new = float(json.loads(self.control.read_text())["memory_budget_mb"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.log(f"{self.control}: ignored ({type(e).__name__}: {e}); want {{\"memory_budget_mb\": N}}")
+            return
+        if new != self.budget_mb:
+            self.log(f"memory budget changed by {self.control.name}: {self.budget_mb:.0f} -> {new:.0f} MB")
+            self.budget_mb = new
+            self.sampler.reset()
 
-    sampler.reset()
-    while True:
-        if total is not None and step >= total:
-            stop_reason = "steps"
-            break
-        if opts.max_seconds and time.monotonic() - t0 >= opts.max_seconds:
-            stop_reason = "max_seconds"
-            break
-        used = energy_prev + meter.energy_j
-        if energy_budget is not None and used + last_step_j > energy_budget:
-            stop_reason = "energy_budget"
-            break
-        idx = batch_indices(step, len(train_ds), effective, opts.seed)
-        e_before = meter.energy_j
-        loss_sum = 0.0
-        for j in range(0, len(idx), micro):
-            part = idx[j:j + micro]
-            loss_sum += float(trainer.train_step(train_ds.batch(part))[0]) * len(part)
-        trainer.lr = lr_at(step, total or 10 ** 9, base_lr, opts.schedule, opts.warmup)
-        trainer.optimizer_step()
-        loss = loss_sum / len(idx)
-        losses.append(round(loss, 6))
-        step += 1
-        run_steps += 1
-        meter.tick()
-        last_step_j = meter.energy_j - e_before
-        peak = sampler.peak_mb()
-        if peak > budget_mb and micro > 1:
-            micro, accum = micro // 2, accum * 2
-            stepdowns.append({"step": step, "peak_mb": round(peak, 1), "micro_batch": micro})
-            log(f"peak RSS {peak:.0f} MB over the {budget_mb:.0f} MB budget: micro-batch -> {micro} x {accum}")
-            sampler.reset()
-        elapsed = time.monotonic() - t0
-        progress(step, loss, run_steps / max(elapsed, 1e-9), peak, energy_prev + meter.energy_j,
-                 not meter.measured)
-        if not math.isfinite(loss):
-            stop_reason = "diverged"
-            break
-        if opts.eval_every and step % opts.eval_every == 0:
-            evals.append([step, round(accuracy(trainer, eval_ds, eval_batch), 6)])
-        if opts.checkpoint_every and step % opts.checkpoint_every == 0:
-            store.save(checkpoint, snapshot(), step)
-    meter.tick()
-    progress(step, losses[-1] if losses else float("nan"), run_steps / max(time.monotonic() - t0, 1e-9),
-             sampler.peak_mb(), energy_prev + meter.energy_j, not meter.measured, force=True)
-    final = snapshot()
-    ckpt = store.save(checkpoint, final, step)
-    update_path = write_update(checkpoint, manifest, store.dir / "update.npz")
-    acc_after = accuracy(trainer, eval_ds, eval_batch)
-    sampler.stop()
-    log(f"stopped ({stop_reason}) at step {step}; accuracy {acc_before:.4f} -> {acc_after:.4f}; "
-        f"checkpoint {ckpt}")
-    curve = losses
-    return {
-        "bundle": str(bundle_dir), "profile": profile.name, "stop_reason": stop_reason,
-        "steps": step, "steps_this_run": run_steps, "effective_batch": effective,
-        "loss": {"first": curve[0] if curve else None, "last": curve[-1] if curve else None,
-                 "min": min(curve) if curve else None,
-                 "first10_mean": float(np.mean(curve[:10])) if curve else None,
-                 "last10_mean": float(np.mean(curve[-10:])) if curve else None,
-                 "curve": curve[:: max(1, len(curve) // 50)]},
-        "accuracy": {"before": acc_before, "after": acc_after, "eval_examples": len(eval_ds),
-                     "eval_source": eval_source, "periodic": evals},
-        "memory": {"budget_mb": budget_mb, "peak_rss_mb": round(sampler.peak_mb(), 1), "measured": True,
-                   "source": "psutil RSS sampled every 5 ms", "plan": plan, "stepdowns": stepdowns,
-                   "final_micro_batch": micro},
-        "energy": {"joules": round(energy_prev + meter.energy_j, 2), "budget_j": energy_budget,
-                   "measured": bool(meter.measured), "source": meter.source},
-        "time": {"seconds": round(seconds_prev + time.monotonic() - t0, 2),
-                 "seconds_this_run": round(time.monotonic() - t0, 2),
-                 "steps_per_second": round(run_steps / max(time.monotonic() - t0, 1e-9), 3)},
-        "trainable": {"update": manifest.update_params, "head": manifest.head_params,
-                      "share_of_weights": manifest.update_share},
-        "checkpoint": str(ckpt), "update": str(update_path),
-        "update_bytes": update_path.stat().st_size,
-    }
+    def _step_down(self, why: str) -> bool:
+        if self.micro <= 1:
+            return False
+        self.micro = max(1, self.micro // 2)
+        self.stepdowns.append({"step": self.step, "why": why, "micro_batch": self.micro})
+        self.log(f"{why}: micro-batch -> {self.micro}")
+        self.sampler.reset()
+        return True
+
+    # -- one optimizer step ---------------------------------------------------
+    def _train_step(self, idx: np.ndarray) -> float:
+        while True:
+            try:
+                loss_sum = 0.0
+                for j in range(0, len(idx), self.micro):
+                    part = idx[j:j + self.micro]
+                    loss_sum += float(self.trainer.train_step(self.train_ds.batch(part))[0]) * len(part)
+                return loss_sum / len(idx)
+            except Exception as e:  # ORT raises RuntimeException (a RuntimeError subclass) on allocation failure
+                if not _is_alloc_failure(e):
+                    raise
+                self.trainer.module.lazy_reset_grad()
+                if not self._step_down(f"allocation failed at step {self.step} ({str(e)[:80]})"):
+                    raise UserError(f"allocation failed even at micro-batch 1: {e}") from None
+
+    def _update_finite(self) -> bool:
+        return all(np.isfinite(self.checkpoint.get(n)).all() for n in self.manifest.trainable_names)
+
+    def _rollback(self, why: str) -> bool:
+        """Back to the newest good checkpoint with half the learning rate; False after 3 tries."""
+        self.divergences.append({"step": self.step, "why": why, "lr_scale": self.lr_scale})
+        found = self.store.latest(warn=self.log)
+        path, state = found if found else (self.dir / B.CHECKPOINT, {"step": 0})
+        self._open(path)                        # never keep (or checkpoint) a diverged state
+        self.step = int(state["step"])
+        self.losses = list(state.get("losses", []))[: self.step]
+        if len(self.divergences) > MAX_DIVERGENCE_RETRIES:
+            self.log(f"{why}: diverged {len(self.divergences)} times; stopping at the last good state "
+                     f"(step {self.step}, {path.name}). Lower --lr or check the data for bad records.")
+            return False
+        self.lr_scale *= 0.5
+        self.log(f"{why} at step {self.step}: rolled back to {path.name}, learning rate x{self.lr_scale:g}")
+        return True
+
+    def snapshot(self) -> dict:
+        return {"step": self.step, "plan": {**self.plan, "micro_batch": self.micro}, "lr_scale": self.lr_scale,
+                "energy_j": self.energy_prev + self.meter.energy_j,
+                "seconds": self.seconds_prev + time.monotonic() - self.t0, "losses": self.losses,
+                "evals": self.evals, "accuracy_before": self.acc_before, "stepdowns": self.stepdowns,
+                "divergences": self.divergences, "seed": self.opts.seed}
+
+    # -- the loop -------------------------------------------------------------
+    def run(self) -> dict:
+        opts = self.opts
+        self._open(self._start_point())
+        self.sampler = MemorySampler(interval_ms=5).start()
+        self.meter = make_power_meter(self.profile).start()
+        effective = max(1, min(opts.batch_size, len(self.train_ds)))
+        st = self.state
+        self.plan = st.get("plan") or ({"micro_batch": opts.micro_batch, "effective_batch": effective,
+                                        "accumulation": max(1, effective // opts.micro_batch), "forced": True}
+                                       if opts.micro_batch else self.plan_batch(effective))
+        self.micro, effective = int(self.plan["micro_batch"]), int(self.plan["effective_batch"])
+        per_epoch = math.ceil(len(self.train_ds) / effective)
+        total = opts.steps or (int(math.ceil(opts.epochs * per_epoch)) if opts.epochs else None)
+        if total is None and not opts.max_seconds and opts.energy_budget_j is None:
+            total = per_epoch
+        base_lr = float(opts.lr or self.manifest.method.get("lr", 1e-3))
+        eval_batch = max(self.micro, 16)
+        self.acc_before = st.get("accuracy_before")
+        if self.acc_before is None:
+            self.acc_before = accuracy(self.trainer, self.eval_ds, eval_batch)
+            self.log(f"accuracy before adaptation: {self.acc_before:.4f} on {len(self.eval_ds)} examples "
+                     f"({self.eval_source})")
+        self.step = int(st.get("step", 0))
+        self.lr_scale = float(st.get("lr_scale", 1.0))
+        self.energy_prev, self.seconds_prev = float(st.get("energy_j", 0.0)), float(st.get("seconds", 0.0))
+        self.losses: List[float] = list(st.get("losses", []))
+        self.evals: List[list] = list(st.get("evals", []))
+        self.stepdowns: List[dict] = list(st.get("stepdowns", []))
+        self.divergences: List[dict] = list(st.get("divergences", []))
+        progress = Progress(total, opts.quiet)
+        stop, last_step_j, run_steps = None, 0.0, 0
+        self.t0 = time.monotonic()
+        self.sampler.reset()
+        while stop is None:
+            if total is not None and self.step >= total:
+                stop = "steps"
+                break
+            if opts.max_seconds and time.monotonic() - self.t0 >= opts.max_seconds:
+                stop = "max_seconds"
+                break
+            used = self.energy_prev + self.meter.energy_j
+            if self.energy_budget is not None and used + last_step_j > self.energy_budget:
+                stop = "energy_budget"
+                break
+            self._read_control()
+            e0 = self.meter.energy_j
+            loss = self._train_step(batch_indices(self.step, len(self.train_ds), effective, opts.seed))
+            if not math.isfinite(loss):
+                self.trainer.module.lazy_reset_grad()
+                stop = None if self._rollback(f"loss is {loss}") else "diverged"
+                continue
+            self.trainer.lr = self.lr_scale * lr_at(self.step, total or 10 ** 9, base_lr, opts.schedule,
+                                                    opts.warmup)
+            self.trainer.optimizer_step()
+            if not self._update_finite():
+                stop = None if self._rollback("update has NaN/Inf") else "diverged"
+                continue
+            self.losses.append(round(loss, 6))
+            self.step += 1
+            run_steps += 1
+            self.meter.tick()
+            last_step_j = self.meter.energy_j - e0
+            peak = self.sampler.peak_mb()
+            if peak > self.budget_mb:
+                self._step_down(f"peak RSS {peak:.0f} MB over the {self.budget_mb:.0f} MB budget")
+            rate = run_steps / max(time.monotonic() - self.t0, 1e-9)
+            progress(self.step, loss, rate, peak, self.budget_mb, self.energy_prev + self.meter.energy_j,
+                     not self.meter.measured)
+            if opts.eval_every and self.step % opts.eval_every == 0:
+                self.evals.append([self.step, round(accuracy(self.trainer, self.eval_ds, eval_batch), 6)])
+            if opts.checkpoint_every and self.step % opts.checkpoint_every == 0:
+                self.store.save(self.checkpoint, self.snapshot(), self.step)
+        self.meter.tick()
+        progress(self.step, self.losses[-1] if self.losses else float("nan"),
+                 run_steps / max(time.monotonic() - self.t0, 1e-9), self.sampler.peak_mb(), self.budget_mb,
+                 self.energy_prev + self.meter.energy_j, not self.meter.measured, final=True)
+        ckpt = self.store.save(self.checkpoint, self.snapshot(), self.step)
+        update_path = write_update(self.checkpoint, self.manifest, self.store.dir / "update.npz")
+        acc_after = accuracy(self.trainer, self.eval_ds, eval_batch)
+        peak = self.sampler.stop()
+        self.log(f"stopped ({stop}) at step {self.step}; accuracy {self.acc_before:.4f} -> {acc_after:.4f}; "
+                 f"checkpoint {ckpt}")
+        return self.report(stop, run_steps, total, acc_after, peak, ckpt, update_path, effective)
+
+    def report(self, stop, run_steps, total, acc_after, peak, ckpt, update_path, effective) -> dict:
+        curve, secs = self.losses, time.monotonic() - self.t0
+        m = self.manifest
+        return {
+            "bundle": str(self.dir), "profile": self.profile.name, "stop_reason": stop,
+            "steps": self.step, "steps_this_run": run_steps, "steps_planned": total, "effective_batch": effective,
+            "loss": {"first": curve[0] if curve else None, "last": curve[-1] if curve else None,
+                     "min": min(curve) if curve else None,
+                     "first10_mean": float(np.mean(curve[:10])) if curve else None,
+                     "last10_mean": float(np.mean(curve[-10:])) if curve else None,
+                     "curve_every": max(1, len(curve) // 20), "curve": curve[:: max(1, len(curve) // 20)]},
+            "accuracy": {"before": self.acc_before, "after": acc_after, "eval_examples": len(self.eval_ds),
+                         "eval_source": self.eval_source, "periodic": self.evals},
+            "memory": {"budget_mb": self.budget_mb, "peak_rss_mb": round(peak, 1), "measured": True,
+                       "source": "psutil RSS of this process, sampled every 5 ms", "plan": self.plan,
+                       "stepdowns": self.stepdowns, "final_micro_batch": self.micro},
+            "energy": {"joules": round(self.energy_prev + self.meter.energy_j, 3), "budget_j": self.energy_budget,
+                       "measured": bool(self.meter.measured), "source": self.meter.source,
+                       "fallback_reason": getattr(self.meter, "fallback_reason", None)},
+            "time": {"seconds": round(self.seconds_prev + secs, 2), "seconds_this_run": round(secs, 2),
+                     "steps_per_second": round(run_steps / max(secs, 1e-9), 3)},
+            "divergences": self.divergences, "lr_scale": self.lr_scale,
+            "skipped_records": self.train_ds.skipped + self.eval_ds.skipped,
+            "trainable": {"update": m.update_params, "head": m.head_params, "share_of_weights": m.update_share},
+            "checkpoint": str(ckpt), "update": str(update_path), "update_bytes": update_path.stat().st_size,
+        }
+
+
+def adapt(bundle_dir, opts: AdaptOptions, log: Optional[Callable[[str], None]] = None) -> dict:
+    return Session(bundle_dir, opts, log).run()
 
 
 def write_update(checkpoint: Checkpoint, manifest: B.Manifest, path: Path) -> Path:

@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--run-dir", help="checkpoints and update.npz go here (default BUNDLE/run)")
     ad.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
     ad.add_argument("--fresh", action="store_true", help="discard existing checkpoints and start over")
+    ad.add_argument("--skip-bad", action="store_true",
+                    help="skip (and count) bad records instead of stopping at the first one")
+    ad.add_argument("--control-file", help="JSON file re-read every step, e.g. {\"memory_budget_mb\": 900} "
+                                          "(default RUN_DIR/control.json)")
     ad.add_argument("--seed", type=int, default=0, help="data order seed")
     ad.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (default: ORT's choice)")
     ad.add_argument("--quiet", action="store_true", help="no progress output")

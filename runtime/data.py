@@ -41,13 +41,36 @@ class Dataset:
 def _check_labels(labels: np.ndarray, num_classes: int, source: str) -> np.ndarray:
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise UserError(f"{source}: 'labels' must be a 1-D integer array (got {labels.dtype} {list(labels.shape)})")
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if bad.size:
-        raise UserError(f"{source}: record {int(bad[0])} has label {int(labels[bad[0]])}, outside 0..{num_classes - 1}")
     return labels.astype(np.int64)
 
 
-def load_npz(path: Path, manifest: Manifest) -> Dataset:
+def _bad_records(inputs: Dict[str, np.ndarray], labels: np.ndarray, num_classes: int) -> Dict[int, str]:
+    """Record index -> why it is bad: label out of range, or NaN/Inf in a float input."""
+    bad: Dict[int, str] = {}
+    for i in np.flatnonzero((labels < 0) | (labels >= num_classes)):
+        bad[int(i)] = f"label {int(labels[i])} outside 0..{num_classes - 1}"
+    for name, a in inputs.items():
+        if a.dtype.kind == "f":
+            finite = np.isfinite(a.reshape(len(a), -1)).all(1)
+            for i in np.flatnonzero(~finite):
+                bad.setdefault(int(i), f"NaN/Inf in {name!r}")
+    return bad
+
+
+def _screen(inputs: Dict[str, np.ndarray], labels: np.ndarray, num_classes: int, source: str,
+            skip_bad: bool) -> Dataset:
+    bad = _bad_records(inputs, labels, num_classes)
+    if bad and not skip_bad:
+        i = min(bad)
+        raise UserError(f"{source}: record {i}: {bad[i]} ({len(bad)} bad records in all); fix the data or "
+                        "pass --skip-bad to skip and count them")
+    keep = np.array([i for i in range(len(labels)) if i not in bad], dtype=np.int64)
+    if keep.size == 0:
+        raise UserError(f"{source}: every record is bad ({bad[min(bad)]} ...)")
+    return Dataset({k: v[keep] for k, v in inputs.items()}, labels[keep], source, skipped=len(bad))
+
+
+def load_npz(path: Path, manifest: Manifest, skip_bad: bool = False) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -64,10 +87,10 @@ def load_npz(path: Path, manifest: Manifest) -> Dataset:
         if len(arrays[s.name]) != n:
             raise UserError(f"{path}: {s.name!r} has {len(arrays[s.name])} records but 'labels' has {n}")
     labels = _check_labels(arrays[LABELS_INPUT], manifest.num_classes, str(path))
-    return Dataset(cast_to_specs(manifest.inputs, arrays), labels, str(path))
+    return _screen(cast_to_specs(manifest.inputs, arrays), labels, manifest.num_classes, str(path), skip_bad)
 
 
-def load_jsonl(path: Path, manifest: Manifest, bundle_dir: Path) -> Dataset:
+def load_jsonl(path: Path, manifest: Manifest, bundle_dir: Path, skip_bad: bool = False) -> Dataset:
     tok_path = bundle_dir / TOKENIZER
     if not tok_path.is_file():
         raise UserError(f"{path}: JSONL text needs a bundle with a tokenizer (export a text model with one)")
@@ -77,24 +100,39 @@ def load_jsonl(path: Path, manifest: Manifest, bundle_dir: Path) -> Dataset:
         raise UserError("JSONL text needs the 'tokenizers' package: pip install 'taskedge[data]'") from None
     pre = manifest.preprocessing
     max_len = int(pre.get("max_len", 0)) or int(manifest.inputs[0].shape[1])
+    truncate = bool(pre.get("truncate", False))
     tok = Tokenizer.from_file(str(tok_path))
-    tok.enable_truncation(max_len)
-    tok.enable_padding(length=max_len)
-    texts, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    tok.no_truncation()
+    tok.no_padding()
+    texts, labels, skipped = [], [], 0
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = list(enumerate(f, 1))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text ({e})") from None
+    for line_no, line in lines:
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            text, label = rec["text"], int(rec["label"])
+            if not isinstance(text, str):
+                raise TypeError("text is not a string")
+            n_tok = len(tok.encode(text).ids)
+            if n_tok > max_len and not truncate:
+                raise ValueError(f"text is {n_tok} tokens, longer than the model's {max_len}")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            if skip_bad:
+                skipped += 1
                 continue
-            try:
-                rec = json.loads(line)
-                text, label = rec["text"], int(rec["label"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise UserError(f"{path}:{line_no}: bad record ({type(e).__name__}: {e}); "
-                                'want {"text": ..., "label": int}') from None
-            texts.append(str(text))
-            labels.append(label)
+            raise UserError(f"{path}:{line_no}: bad record ({type(e).__name__}: {e}); "
+                            'want {"text": str, "label": int}; pass --skip-bad to skip and count') from None
+        texts.append(text)
+        labels.append(label)
     if not texts:
         raise UserError(f"{path}: no records")
+    tok.enable_truncation(max_len)
+    tok.enable_padding(length=max_len)
     enc = tok.encode_batch(texts)
     arrays = {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
               "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
@@ -102,10 +140,12 @@ def load_jsonl(path: Path, manifest: Manifest, bundle_dir: Path) -> Dataset:
     arrays = {s.name: arrays[s.name] for s in manifest.inputs if s.name in arrays}
     check_arrays(manifest.inputs, arrays, str(path))
     labels_arr = _check_labels(np.array(labels, dtype=np.int64), manifest.num_classes, str(path))
-    return Dataset(cast_to_specs(manifest.inputs, arrays), labels_arr, str(path))
+    ds = _screen(cast_to_specs(manifest.inputs, arrays), labels_arr, manifest.num_classes, str(path), skip_bad)
+    ds.skipped += skipped
+    return ds
 
 
-def load_image_folder(path: Path, manifest: Manifest) -> Dataset:
+def load_image_folder(path: Path, manifest: Manifest, skip_bad: bool = False) -> Dataset:
     try:
         from PIL import Image
     except ImportError:
@@ -119,7 +159,7 @@ def load_image_folder(path: Path, manifest: Manifest) -> Dataset:
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if len(classes) > manifest.num_classes or not classes:
         raise UserError(f"{path}: found {len(classes)} class folders, the bundle's head has {manifest.num_classes}")
-    images, labels = [], []
+    images, labels, skipped = [], [], 0
     for label, cls in enumerate(classes):
         for f in sorted((path / cls).iterdir()):
             if f.suffix.lower() not in IMAGE_SUFFIXES:
@@ -129,7 +169,11 @@ def load_image_folder(path: Path, manifest: Manifest) -> Dataset:
                     im = im.convert(mode).resize((w, h))
                     a = np.asarray(im, dtype=np.float32) / 255.0
             except Exception as e:
-                raise UserError(f"{f}: cannot decode image ({type(e).__name__}: {e})") from None
+                if skip_bad:
+                    skipped += 1
+                    continue
+                raise UserError(f"{f}: cannot decode image ({type(e).__name__}: {e}); "
+                                "pass --skip-bad to skip and count") from None
             a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
             images.append((a - mean) / std)
             labels.append(label)
@@ -137,21 +181,23 @@ def load_image_folder(path: Path, manifest: Manifest) -> Dataset:
         raise UserError(f"{path}: no images in the class folders")
     arrays = {spec.name: np.stack(images).astype(np.float32)}
     check_arrays(manifest.inputs, arrays, str(path))
-    return Dataset(arrays, np.array(labels, dtype=np.int64), str(path))
+    ds = _screen(arrays, np.array(labels, dtype=np.int64), manifest.num_classes, str(path), skip_bad)
+    ds.skipped += skipped
+    return ds
 
 
-def load_dataset(path, manifest: Manifest, bundle_dir) -> Dataset:
+def load_dataset(path, manifest: Manifest, bundle_dir, skip_bad: bool = False) -> Dataset:
     p = Path(path)
     if not p.exists():
         raise UserError(f"data not found: {p} (give an .npz, a .jsonl file or an image folder)")
     if p.is_dir():
-        return load_image_folder(p, manifest)
+        return load_image_folder(p, manifest, skip_bad)
     if p.stat().st_size == 0:
         raise UserError(f"{p}: empty file")
     if p.suffix == ".npz":
-        return load_npz(p, manifest)
+        return load_npz(p, manifest, skip_bad)
     if p.suffix in (".jsonl", ".json"):
-        return load_jsonl(p, manifest, Path(bundle_dir))
+        return load_jsonl(p, manifest, Path(bundle_dir), skip_bad)
     raise UserError(f"{p}: unknown data format {p.suffix!r}; use .npz, .jsonl or an image folder")
 
 
@@ -161,8 +207,9 @@ def split(ds: Dataset, fraction: float, seed: int) -> tuple:
     order = rng.permutation(len(ds))
     n_hold = max(1, int(len(ds) * fraction))
     hold, train = order[:n_hold], order[n_hold:]
-    take = lambda idx: Dataset({k: v[idx] for k, v in ds.inputs.items()}, ds.labels[idx], ds.source)  # noqa: E731
-    return take(train), take(hold)
+    def take(idx, skipped=0):
+        return Dataset({k: v[idx] for k, v in ds.inputs.items()}, ds.labels[idx], ds.source, skipped)
+    return take(train, ds.skipped), take(hold)
 
 
 def optional(path: Optional[str], manifest: Manifest, bundle_dir) -> Optional[Dataset]:

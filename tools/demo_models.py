@@ -206,12 +206,12 @@ class MobileNetV2(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
 
-    def embed(self, x):
+    def embed(self, pixels):
         """Globally pooled features [B, 1280], the classifier's input."""
-        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return F.adaptive_avg_pool2d(self.features(pixels), 1).flatten(1)
 
-    def forward(self, x):
-        return self.classifier(self.embed(x))
+    def forward(self, pixels):
+        return self.classifier(self.embed(pixels))
 
 
 def load_mobilenet_v2() -> MobileNetV2:
@@ -249,8 +249,8 @@ class DigitsCNN(nn.Module):
             nn.Conv2d(64, 128, 1), nn.ReLU())
         self.classifier = nn.Linear(128, num_classes)
 
-    def forward(self, x):
-        return self.classifier(self.features(x).mean((2, 3)))
+    def forward(self, pixels):
+        return self.classifier(self.features(pixels).mean((2, 3)))
 
 
 def _cache_dir() -> Path:
