@@ -26,7 +26,7 @@ from .calibrate import activation_norms
 from .config import ExportConfig
 from .ingest import ingest
 from .layers import count_weights, filter_ops, find_weight_ops, initializer_arrays
-from .rewrite import LOGITS, add_head, insert_updates
+from .rewrite import FORMULATIONS, add_head, insert_updates, prepare_for_training
 
 
 def _log(msg: str) -> None:
@@ -77,8 +77,8 @@ def validate(cfg: ExportConfig) -> Optional[tuple]:
     if cfg.num_classes is not None and cfg.num_classes < 2:
         raise UserError(f"bad --num-classes {cfg.num_classes}: need at least 2")
     for op, form in cfg.formulation.items():
-        if op not in ("MatMul", "Gemm", "Conv") or form not in ("gather", "scatter"):
-            raise UserError(f"bad --formulation {op}={form}: use MatMul|Gemm|Conv = gather|scatter")
+        if op not in ("MatMul", "Gemm", "Conv") or form not in FORMULATIONS:
+            raise UserError(f"bad --formulation {op}={form}: use MatMul|Gemm|Conv = {'|'.join(FORMULATIONS)}")
     return nm
 
 
@@ -137,6 +137,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
 
     base = copy.deepcopy(model)
     table = insert_updates(model, ops, indices, cfg.formulation, cfg.lora_rank, cfg.seed)
+    prepare_for_training(model)
     trainable = [p for row in table for p in row.params] + sorted(head_params)
     if not trainable:
         raise UserError("nothing to train: no selected layers and no new head")

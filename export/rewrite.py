@@ -23,9 +23,13 @@ HEAD_WEIGHT = "taskedge_head.weight"
 HEAD_BIAS = "taskedge_head.bias"
 LOGITS = "logits"
 
-# Measured on this machine (README, "Choosing the update formulation"): gather is faster
-# for MatMul/Gemm at small k; Conv weights are small, and scatter keeps its one op.
-DEFAULT_FORMULATION = {"MatMul": "gather", "Gemm": "gather", "Conv": "scatter"}
+# Chosen by measurement (`python -m taskedge.tools.formulations`, README "Update formulations"):
+# ORT's GatherGrad on the last axis is slow on CPU, so gather-based paths lose on 3-D
+# transformer activations (MiniLM, batch 16: gather 865 ms, gather_elements 489 ms,
+# scatter 394 ms per step); on 2-D Gemm inputs gather_elements wins (MLP 8x1024, batch 64:
+# 82 ms vs 104 ms for scatter). Conv weights are small; scatter keeps the Conv a single op.
+DEFAULT_FORMULATION = {"MatMul": "scatter", "Gemm": "gather_elements", "Conv": "scatter"}
+FORMULATIONS = ("gather", "gather_rows", "gather_elements", "scatter")
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -101,6 +105,45 @@ def _gather_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str, y:
     return b.node("Add", [y, s], "out")
 
 
+def _gather_rows_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str, y: str) -> str:
+    """Like _gather_path, but gathers whole rows of the transposed input ([cols, tokens]).
+
+    Same math; the backward pass becomes a row scatter-add (GatherGrad on axis 0), which
+    ORT runs far faster than the strided GatherGrad on the last axis (README, measured).
+    """
+    rows, k = idx_rows.shape
+    cols = op.cols
+    flat = b.node("Reshape", [op.activation, b.init("flat_shape", np.array([-1, cols], dtype=np.int64))], "x_flat")
+    xt = b.node("Transpose", [flat], "x_t", perm=[1, 0])                              # [cols, tokens]
+    g = b.node("Gather", [xt, b.init("idx", idx_rows.reshape(-1))], "gathered", axis=0)  # [rows*k, tokens]
+    g3 = b.node("Reshape", [g, b.init("g_shape", np.array([rows, k, -1], dtype=np.int64))], "gathered3")
+    d3 = b.unsqueeze(delta, -1, "delta3")                                              # [rows, k, 1]
+    s = b.reduce_sum(b.node("Mul", [g3, d3], "weighted"), 1, "update_t")               # [rows, tokens]
+    st = b.node("Transpose", [s], "update_tokens", perm=[1, 0])                        # [tokens, rows]
+    if op.op == "Gemm":
+        alpha = next((a.f for a in op.node.attribute if a.name == "alpha"), 1.0)
+        if alpha != 1.0:
+            st = b.node("Mul", [st, b.init("alpha", np.array(alpha, dtype=np.float32))], "update_scaled")
+    shaped = b.node("Reshape", [st, b.node("Shape", [y], "y_shape")], "update_out")
+    return b.node("Add", [y, shaped], "out")
+
+
+def _gather_elements_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str, y: str) -> str:
+    """Same math again, with GatherElements on [tokens, cols] (its backward is a ScatterElements-add)."""
+    rows, k = idx_rows.shape
+    flat = b.node("Reshape", [op.activation, b.init("flat_shape", np.array([-1, op.cols], dtype=np.int64))],
+                  "x_flat")                                                           # [tokens, cols]
+    tokens = b.node("Slice", [b.node("Shape", [flat], "x_shape"), b.init("zero", np.array([0], np.int64)),
+                              b.init("one", np.array([1], np.int64))], "tokens")
+    shape = b.node("Concat", [tokens, b.init("width", np.array([rows * k], np.int64))], "idx_shape", axis=0)
+    idx = b.node("Expand", [b.init("idx", idx_rows.reshape(1, -1)), shape], "idx_tokens")   # [tokens, rows*k]
+    g = b.node("GatherElements", [flat, idx], "gathered", axis=1)
+    g3 = b.node("Reshape", [g, b.init("g_shape", np.array([-1, rows, k], dtype=np.int64))], "gathered3")
+    s = b.reduce_sum(b.node("Mul", [g3, delta], "weighted"), -1, "update_rows")      # [tokens, rows]
+    shaped = b.node("Reshape", [s, b.node("Shape", [y], "y_shape")], "update_out")
+    return b.node("Add", [y, shaped], "out")
+
+
 def _scatter_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str) -> str:
     """W' = W with delta added at the selected entries; returns the name of W'."""
     w = op.weight
@@ -132,15 +175,17 @@ def insert_updates(model: onnx.ModelProto, ops: List[WeightOp], indices: Dict[st
     for op in ops:
         idx_rows = indices[op.weight]
         form = formulation[op.op]
-        if form == "gather" and (op.op == "Conv" or op.trans_a):
+        if form.startswith("gather") and (op.op == "Conv" or op.trans_a):
             form = "scatter"                                  # gather needs x laid out as [..., cols]
         b = _Builder(model, op.weight)
         delta, params, count = _delta(b, op.rows, idx_rows, op.cols, lora_rank, rng)
-        if form == "gather":
+        if form in ("gather", "gather_rows", "gather_elements"):
             y = op.node.output[0]
             base = b.name("base_out")
             op.node.output[0] = base
-            _gather_path(b, op, idx_rows, delta, base)
+            path = {"gather": _gather_path, "gather_rows": _gather_rows_path,
+                    "gather_elements": _gather_elements_path}[form]
+            path(b, op, idx_rows, delta, base)
             b.nodes[-1].output[0] = y                          # the Add takes over the original name
         else:
             op.node.input[1] = _scatter_path(b, op, idx_rows, delta)
@@ -214,6 +259,18 @@ def add_head(model: onnx.ModelProto, num_classes: int, seed: int = 0) -> Dict[st
     prune_unused_initializers(model)
     return {"params": [HEAD_WEIGHT, HEAD_BIAS], "size": int(w.size + b.size), "features": int(features),
             "replaced": [n.name for n in removed]}
+
+
+def prepare_for_training(model: onnx.ModelProto) -> None:
+    """Make the graph differentiable by ORT's gradient builder.
+
+    LayerNormalization's gradient reads the saved Mean and InvStdDev, which torch.onnx
+    leaves out (they are optional outputs); name them so the backward pass can use them.
+    """
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "LayerNormalization" and len(node.output) == 1:
+            base = node.name or f"layernorm_{i}"
+            node.output.extend([f"{base}.taskedge_mean", f"{base}.taskedge_inv_std"])
 
 
 def prune_unused_initializers(model: onnx.ModelProto) -> None:

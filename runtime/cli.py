@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(default RUN_DIR/control.json)")
     ad.add_argument("--seed", type=int, default=0, help="data order seed")
     ad.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (default: ORT's choice)")
+    ad.add_argument("--device", default="cpu", help="cpu, or cuda[:N] with an ORT built with CUDA (default cpu)")
     ad.add_argument("--quiet", action="store_true", help="no progress output")
     ad.add_argument("--json", action="store_true", help="print the final report as JSON")
     ad.set_defaults(fn=cmd_adapt)
@@ -191,8 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(fn=cmd_profile_show)
 
-    for register in _extra_commands():
-        register(sub)
+    for name, register in _extra_commands():
+        try:
+            register(sub)
+        except Exception as e:  # a broken host tool must not take the board commands down with it
+            print(f"taskedge: warning: {name} unavailable ({type(e).__name__}: {e})", file=sys.stderr)
     return p
 
 
@@ -202,7 +206,7 @@ def _extra_commands():
     for mod in ("taskedge.tools.demo", "taskedge.tools.bench", "taskedge.tools.pack", "taskedge.tools.doctor",
                 "taskedge.tools.probe"):
         try:
-            yield importlib.import_module(mod).register
+            yield mod, importlib.import_module(mod).register
         except (ImportError, AttributeError):
             continue
 

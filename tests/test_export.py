@@ -78,7 +78,7 @@ def _train(bundle, x, y, steps=40):
     return ck, tr, losses
 
 
-@pytest.mark.parametrize("form", ["gather", "scatter"])
+@pytest.mark.parametrize("form", ["gather", "gather_rows", "gather_elements", "scatter"])
 def test_small_model_trains_and_only_the_update_is_trainable(tmp_path, mlp_onnx, mlp_data, form):
     out = tmp_path / "b"
     m = export_bundle(ExportConfig(model=str(mlp_onnx), out=str(out), calib=str(mlp_data / "train.npz"),

@@ -1,0 +1,145 @@
+"""A real pack -> flash -> doctor -> adapt round trip over ssh to 127.0.0.1.
+
+Starts Debian's OpenSSH server (`apt-get install -y openssh-server`) on a random port with a
+temporary host key, a temporary client key and a temporary sshd_config; the "board" is a
+prefix under tmp_path. The board venv is created from this interpreter with
+--system-site-packages (its site-packages are inherited through a .pth file, since venvs do
+not chain), so onnxruntime-training is available without a network, and the runtime wheel is
+installed with --no-deps.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+SSHD = "/usr/sbin/sshd"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    if not os.path.exists(SSHD):
+        pytest.skip(f"{SSHD} not found: install it with `apt-get install -y openssh-server`")
+    for tool in ("ssh", "scp", "ssh-keygen"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} not found: install openssh-client")
+    if os.geteuid() == 0 and not os.path.isdir("/run/sshd"):
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+    d = tmp_path_factory.mktemp("sshd")
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    os.chmod(d / "authorized_keys", 0o600)
+    port = _free_port()
+    cfg = d / "sshd_config"
+    cfg.write_text(f"""\
+ListenAddress 127.0.0.1
+Port {port}
+HostKey {d / 'host_key'}
+PidFile {d / 'sshd.pid'}
+AuthorizedKeysFile {d / 'authorized_keys'}
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+UsePAM no
+StrictModes no
+PrintMotd no
+LogLevel ERROR
+Subsystem sftp /usr/lib/openssh/sftp-server
+""")
+    log = open(d / "sshd.log", "w")
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.skip(f"sshd exited at start: {(d / 'sshd.log').read_text()[-500:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.terminate()
+        pytest.skip("sshd did not start listening within 10 s")
+    import pwd
+    user = pwd.getpwuid(os.getuid()).pw_name
+    yield {"port": port, "key": d / "client_key", "target": f"{user}@127.0.0.1",
+           "known_hosts": d / "known_hosts", "log": d / "sshd.log"}
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def ssh(s, *cmd, timeout=120):
+    return subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new",
+                           "-o", f"UserKnownHostsFile={s['known_hosts']}", "-i", str(s["key"]), "-p", str(s["port"]),
+                           s["target"], *cmd], capture_output=True, text=True, timeout=timeout)
+
+
+def test_pack_flash_doctor_adapt(sshd, mlp_bundle, mlp_data, tmp_path):
+    t0 = time.time()
+    tar = tmp_path / "bundle.tar"
+    r = run_cli("pack", mlp_bundle, "--profile", "host-cpu", "-o", tar, "--json")
+    assert r.returncode == 0, r.stderr
+    board = tmp_path / "board"  # the fake board's install prefix
+
+    flash = ["flash", tar, sshd["target"], "--port", sshd["port"], "--identity", sshd["key"],
+             "--prefix", board, "--python", sys.executable, "--no-deps", "--system-site-packages",
+             "-o", f"UserKnownHostsFile={sshd['known_hosts']}", "--json"]
+    r = run_cli(*flash, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr + sshd["log"].read_text()
+    res = json.loads(r.stdout)
+    doctor = res["doctor"]
+    assert res["exit"] == 0 and doctor["ok"] and doctor["profile"] == "host-cpu"
+    runtime = next(c for c in doctor["checks"] if c["name"] == "runtime")
+    assert str(board / "venv") in runtime["detail"] and "torch-free" in runtime["detail"]
+    assert (board / "release" / "bundle" / "manifest.json").is_file()
+    assert (board / "incoming" / "bundle.tar").is_file() and not (board / "incoming" / "bundle.tar.part").exists()
+    assert sshd["known_hosts"].read_text().strip()  # accept-new recorded the host key
+
+    # copy task data to the board and adapt there, over ssh, with the installed runtime
+    scp = subprocess.run(["scp", "-q", "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={sshd['known_hosts']}",
+                          "-i", str(sshd["key"]), "-P", str(sshd["port"]), str(mlp_data / "train.npz"),
+                          f"{sshd['target']}:{board}/train.npz"], capture_output=True, text=True)
+    assert scp.returncode == 0, scp.stderr
+    r = ssh(sshd, f"{board}/venv/bin/taskedge", "adapt", f"{board}/release/bundle", "--profile",
+            f"{board}/release/profile.toml", "--data", f"{board}/train.npz", "--steps", "5", "--batch-size", "16",
+            "--warmup", "1", "--run-dir", f"{board}/runs/r1", "--quiet", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["steps"] == 5 and rep["profile"] == "host-cpu"
+    assert rep["loss"]["last"] == rep["loss"]["last"]  # finite, not NaN
+    assert (board / "runs" / "r1" / "update.npz").is_file()
+
+    # flashing again reuses the venv, replaces the release and keeps the runs
+    r = run_cli(*flash[:-1], timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 fail" in r.stdout and (board / "runs" / "r1" / "update.npz").is_file()
+    assert time.time() - t0 < 60
+
+
+def test_flash_errors(sshd, tmp_path):
+    r = run_cli("flash", tmp_path / "missing.tar", sshd["target"])
+    assert r.returncode == 2 and "archive not found" in r.stderr
+    tar = tmp_path / "x.tar"
+    tar.write_bytes(b"")
+    r = run_cli("flash", tar, sshd["target"], "--port", _free_port(), "--identity", sshd["key"],
+                "-o", f"UserKnownHostsFile={sshd['known_hosts']}", timeout=60)
+    assert r.returncode == 255 and "ssh to" in r.stderr

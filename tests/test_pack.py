@@ -1,0 +1,214 @@
+"""pack / unpack: a real bundle round trip, and archives that must be refused."""
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from conftest import run_cli
+from taskedge.runtime.bundle import load_bundle
+from taskedge.runtime.fsutil import UserError
+from taskedge.runtime.profiles import load_profile
+from taskedge.tools.pack import embedded_unpacker, unpack
+
+
+@pytest.fixture(scope="module")
+def packed(mlp_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pack") / "bundle.tar"
+    r = run_cli("pack", mlp_bundle, "--profile", "jetson-orin-nano-8gb", "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    return out, json.loads(r.stdout)
+
+
+def test_pack_contents_and_roundtrip(packed, mlp_bundle, tmp_path):
+    out, res = packed
+    assert res["profile"] == "jetson-orin-nano-8gb" and res["wheel"].startswith("taskedge-0.1.0-")
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+        assert names[0] == "SHA256SUMS"
+        assert {"install.sh", "profile.toml", "bundle/manifest.json", "bundle/checkpoint",
+                "wheels/" + res["wheel"]} <= set(names)
+        assert tar.getmember("install.sh").mode & 0o111
+        assert all(not n.startswith(("/", "..")) and not tar.getmember(n).issym() for n in names)
+        sums = tar.extractfile("SHA256SUMS").read().decode().splitlines()
+    assert len(sums) == len(names) - 1  # every member but SHA256SUMS itself
+
+    dest = tmp_path / "release"
+    info = unpack(out, dest)
+    assert info["verified"] and info["files"] == len(names) - 1
+    m = load_bundle(dest / "bundle")  # hashes verified again
+    assert m.model_name == load_bundle(mlp_bundle).model_name
+    assert load_profile(dest / "profile.toml").name == "jetson-orin-nano-8gb"
+    # sha256sum -c compatible
+    r = subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=dest, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # the wheel carries the runtime and the profiles, and install.sh is valid bash
+    import zipfile
+    with zipfile.ZipFile(dest / "wheels" / res["wheel"]) as z:
+        wn = z.namelist()
+    assert "taskedge/runtime/ort_train.py" in wn and "taskedge/device_profiles/host-cpu.toml" in wn
+    assert subprocess.run(["bash", "-n", str(dest / "install.sh")]).returncode == 0
+
+    # unpacking again replaces the folder atomically; CLI form works too
+    r = run_cli("unpack", out, dest, "--json")
+    assert r.returncode == 0, r.stderr and json.loads(r.stdout)["verified"]
+
+
+def test_pack_refuses_corrupted_bundle(mlp_bundle, tmp_path):
+    import shutil
+    b = tmp_path / "b"
+    shutil.copytree(mlp_bundle, b)
+    with open(b / "eval_model.onnx", "ab") as f:
+        f.write(b"\0")
+    r = run_cli("pack", b, "--profile", "host-cpu", "-o", tmp_path / "x.tar")
+    assert r.returncode == 2 and "sha256 mismatch" in r.stderr
+    assert not (tmp_path / "x.tar").exists()
+    r = run_cli("pack", mlp_bundle, "--profile", "no-such-board", "-o", tmp_path / "x.tar")
+    assert r.returncode == 2 and "unknown device profile" in r.stderr
+
+
+# --- hostile archives ---------------------------------------------------------------------
+
+def _info(name, **kw):
+    ti = tarfile.TarInfo(name)
+    for k, v in kw.items():
+        setattr(ti, k, v)
+    return ti
+
+
+def make_tar(path, entries, sums=True):
+    """entries: list of (TarInfo, bytes-or-None). Adds a correct SHA256SUMS for regular files."""
+    with tarfile.open(path, "w") as tar:
+        if sums:
+            text = "".join(f"{hashlib.sha256(d).hexdigest()}  {ti.name}\n"
+                           for ti, d in entries if d is not None and ti.isfile())
+            ti = _info("SHA256SUMS", size=len(text))
+            tar.addfile(ti, io.BytesIO(text.encode()))
+        for ti, data in entries:
+            if data is not None:
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+            else:
+                tar.addfile(ti)
+    return path
+
+
+def f(name, data=b"x"):
+    return (_info(name), data)
+
+
+HOSTILE = {
+    "absolute": [f("/tmp/taskedge-evil-abs")],
+    "dotdot": [f("ok.txt"), f("../evil.txt")],
+    "dotdot-nested": [f("a/../../evil.txt")],
+    "symlink-abs": [(_info("link", type=tarfile.SYMTYPE, linkname="/etc/passwd"), None)],
+    "symlink-up": [(_info("link", type=tarfile.SYMTYPE, linkname="../outside"), None)],
+    "symlink-then-write-through": [(_info("d", type=tarfile.SYMTYPE, linkname="."), None),
+                                   (_info("e", type=tarfile.SYMTYPE, linkname="d/.."), None),
+                                   f("e/evil.txt")],
+    "symlink-chain-escape": [(_info("sub", type=tarfile.DIRTYPE), None),
+                             (_info("sub/l", type=tarfile.SYMTYPE, linkname="../x"), None),
+                             (_info("x", type=tarfile.SYMTYPE, linkname=".."), None)],
+    "hardlink-abs": [(_info("h", type=tarfile.LNKTYPE, linkname="/etc/passwd"), None)],
+    "hardlink-up": [(_info("h", type=tarfile.LNKTYPE, linkname="../outside/file"), None)],
+    "hardlink-to-symlink": [(_info("s", type=tarfile.SYMTYPE, linkname="ok"), None),
+                            (_info("h", type=tarfile.LNKTYPE, linkname="s"), None)],
+    "chardev": [(_info("null", type=tarfile.CHRTYPE, devmajor=1, devminor=3), None)],
+    "blockdev": [(_info("sda", type=tarfile.BLKTYPE, devmajor=8, devminor=0), None)],
+    "fifo": [(_info("pipe", type=tarfile.FIFOTYPE), None)],
+    "duplicate": [f("a.txt", b"1"), f("a.txt", b"2")],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_hostile_archives_are_refused(kind, tmp_path):
+    base = tmp_path / "box"
+    (base / "outside").mkdir(parents=True)
+    (base / "outside" / "file").write_text("secret")
+    tar = make_tar(tmp_path / f"{kind}.tar", HOSTILE[kind])
+    dest = base / "target" / "release"
+    with pytest.raises(UserError, match="refusing to unpack"):
+        unpack(tar, dest)
+    assert not dest.exists()
+    assert not any(p.name.endswith(".partial") for p in dest.parent.iterdir()) if dest.parent.exists() else True
+    assert sorted(p.name for p in base.iterdir()) in (["outside"], ["outside", "target"])
+    assert not os.path.exists("/tmp/taskedge-evil-abs")
+    assert (base / "outside" / "file").read_text() == "secret"
+    assert not (base / "evil.txt").exists() and not (base / "target" / "evil.txt").exists()
+
+    # the copy embedded in install.sh refuses it too (standalone, python -)
+    r = subprocess.run([sys.executable, "-", str(tar), str(tmp_path / "emb")], input=embedded_unpacker(),
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "refusing" in r.stderr, r.stdout + r.stderr
+    assert not (tmp_path / "emb").exists()
+
+
+def test_inside_links_are_allowed(tmp_path):
+    tar = make_tar(tmp_path / "ok.tar", [f("dir/a.txt", b"hello"),
+                                         (_info("dir/alias", type=tarfile.SYMTYPE, linkname="a.txt"), None),
+                                         (_info("copy.txt", type=tarfile.LNKTYPE, linkname="dir/a.txt"), None)])
+    # a hard link is a regular file after extraction: list it in SHA256SUMS as well
+    with tarfile.open(tar) as t:
+        members = [(m, t.extractfile(m).read() if m.isfile() else None) for m in t.getmembers()[1:]]
+    text = (f"{hashlib.sha256(b'hello').hexdigest()}  dir/a.txt\n"
+            f"{hashlib.sha256(b'hello').hexdigest()}  copy.txt\n")
+    with tarfile.open(tar, "w") as t:
+        t.addfile(_info("SHA256SUMS", size=len(text)), io.BytesIO(text.encode()))
+        for m, d in members:
+            t.addfile(m, io.BytesIO(d) if d is not None else None)
+    dest = tmp_path / "out"
+    unpack(tar, dest)
+    assert (dest / "dir" / "alias").is_symlink() and (dest / "dir" / "alias").read_text() == "hello"
+    assert (dest / "copy.txt").read_text() == "hello" and not (dest / "copy.txt").is_symlink()
+
+
+def test_sha256_mismatch_missing_and_extra_are_detected(packed, tmp_path):
+    out, _ = packed
+    with tarfile.open(out) as t:
+        members = [(m, t.extractfile(m).read() if m.isfile() else None) for m in t.getmembers()]
+
+    def rewrite(path, change):
+        with tarfile.open(path, "w") as t:
+            for m, d in members:
+                m2, d2 = change(m, d)
+                if m2 is None:
+                    continue
+                m2 = tarfile.TarInfo(m2.name) if m2 is not m else m
+                if d2 is not None:
+                    m2.size = len(d2)
+                t.addfile(m2, io.BytesIO(d2) if d2 is not None else None)
+        return path
+
+    flipped = rewrite(tmp_path / "flip.tar", lambda m, d: (m, d[:-1] + bytes([d[-1] ^ 1]))
+                      if m.name == "bundle/checkpoint" else (m, d))
+    nosums = rewrite(tmp_path / "nosums.tar", lambda m, d: (None, None) if m.name == "SHA256SUMS" else (m, d))
+    dropped = rewrite(tmp_path / "drop.tar", lambda m, d: (None, None) if m.name == "profile.toml" else (m, d))
+    cases = {flipped: "sha256 mismatch for bundle/checkpoint", nosums: "SHA256SUMS is missing",
+             dropped: "lists files the archive lacks: profile.toml"}
+    extra = tmp_path / "extra.tar"
+    with tarfile.open(extra, "w") as t:
+        for m, d in members:
+            t.addfile(m, io.BytesIO(d) if d is not None else None)
+        t.addfile(_info("bundle/extra.onnx", size=3), io.BytesIO(b"abc"))
+    cases[extra] = "does not list: bundle/extra.onnx"
+
+    existing = tmp_path / "release"
+    unpack(out, existing)  # a good release is in place
+    before = sorted(p.relative_to(existing) for p in existing.rglob("*"))
+    for tar, msg in cases.items():
+        with pytest.raises(UserError) as e:
+            unpack(tar, existing)
+        assert msg in str(e.value), str(e.value)
+        # the previous release is untouched, and no staging folder is left behind
+        assert sorted(p.relative_to(existing) for p in existing.rglob("*")) == before
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".release")] == []
+        r = run_cli("unpack", tar, tmp_path / "cli-out")
+        assert r.returncode == 2 and "refusing to unpack" in r.stderr
+
+    with pytest.raises(UserError, match="not a readable tar"):
+        (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
+        unpack(tmp_path / "junk.tar", tmp_path / "junk")
