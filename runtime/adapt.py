@@ -98,10 +98,11 @@ class Progress:
 
     def __init__(self, total: Optional[int], quiet: bool):
         self.total, self.quiet, self.last = total, quiet, 0.0
+        self.tty = sys.stderr.isatty()          # a log file gets a plain line every 10 s instead
 
     def __call__(self, step, loss, rate, mem, budget, energy, estimated, final=False):
         now = time.monotonic()
-        if self.quiet or (not final and now - self.last < 0.5):
+        if self.quiet or (not final and now - self.last < (0.5 if self.tty else 10.0)):
             return
         self.last = now
         bar = ""
@@ -109,9 +110,9 @@ class Progress:
             done = int(20 * min(1.0, step / self.total))
             bar = "[" + "#" * done + "." * (20 - done) + "] "
         total = f"/{self.total}" if self.total else ""
-        print(f"\r[adapt] {bar}step {step}{total}  loss {loss:.4f}  {rate:.2f} step/s  "
+        print(f"{chr(13) if self.tty else ''}[adapt] {bar}step {step}{total}  loss {loss:.4f}  {rate:.2f} step/s  "
               f"mem {mem:.0f}/{budget:.0f} MB  energy {energy:.1f} J{' (est)' if estimated else ''}  ",
-              end="\n" if final else "", file=sys.stderr, flush=True)
+              end="\n" if final or not self.tty else "", file=sys.stderr, flush=True)
 
 
 class Session:
