@@ -65,6 +65,7 @@ def calibration_batches(arrays: Dict[str, np.ndarray], names: List[str], batch_s
 
 
 def validate(cfg: ExportConfig) -> Optional[tuple]:
+    """Check the flags before any work; returns the parsed N:M (or None)."""
     try:
         imp.budget_entries(cfg.budget, 1)
         nm = imp.parse_nm(cfg.nm)
@@ -114,7 +115,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         raise UserError(f"no weight-bearing op left after --include {cfg.include} --exclude {cfg.exclude}")
 
     budget = imp.budget_entries(cfg.budget, num_weights)
-    k = imp.per_row_k(budget, [op.rows for op in ops], [op.cols for op in ops], nm)
+    k = imp.per_row_k(budget, [op.rows for op in ops])
     rows_total = sum(op.rows for op in ops)
     if ops and not cfg.lora_rank and rows_total > budget:
         raise UserError(f"budget {cfg.budget} of {num_weights} weights = {budget} entries is below one per output "
@@ -161,7 +162,8 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         _artifacts(model, trainable, tmp)
         log(f"artifacts built in {time.perf_counter() - t:.1f}s")
         onnx.save(base, str(tmp / B.BASE_MODEL))
-        np.savez(tmp / B.ALLOCATION, **indices)
+        np.savez(tmp / B.ALLOCATION, **{k: v.astype(np.uint16 if v.max(initial=0) < 65536 else np.int32)
+                                        for k, v in indices.items()})   # smallest index type on disk
         files = [B.TRAINING_MODEL, B.EVAL_MODEL, B.OPTIMIZER_MODEL, B.CHECKPOINT, B.BASE_MODEL, B.ALLOCATION]
         tok = src.meta.get("tokenizer")
         if tok:

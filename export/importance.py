@@ -31,14 +31,12 @@ def parse_nm(text: Optional[str]) -> Optional[Tuple[int, int]]:
     return n, m
 
 
-def per_row_k(budget_entries: int, rows: Sequence[int], cols: Sequence[int],
-              nm: Optional[Tuple[int, int]] = None) -> int:
+def per_row_k(budget_entries: int, rows: Sequence[int]) -> int:
     """The one k every output neuron gets: floor(budget / total rows), at least 1.
 
     Model-agnostic and even: the trainable set is spread over every selected layer.
     """
-    k = max(1, budget_entries // max(1, sum(rows)))
-    return k
+    return max(1, budget_entries // max(1, sum(rows)))
 
 
 def layer_k(k: int, cols: int, nm: Optional[Tuple[int, int]] = None) -> int:

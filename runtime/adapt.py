@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,20 @@ from .profiles import load_profile
 from .telemetry import MemorySampler, make_power_meter
 
 MAX_DIVERGENCE_RETRIES = 3
+
+# TEST-ONLY fault-injection hooks (used by tests/faults; unset in production, where they do nothing):
+#   TASKEDGE_FAULT_ALLOC_FAIL_AT_STEP=N  raise MemoryError once from the train step at step N
+#   TASKEDGE_FAULT_NAN_AT_STEP=N         report a NaN loss once at step N (a transient divergence)
+# and fsutil.TASKEDGE_FAULT_DELAY_CKPT (widen the checkpoint write window).
+_FAULTS_FIRED: set = set()
+
+
+def _fault_at(name: str, step: int) -> bool:
+    v = os.environ.get(name)
+    if v is None or name in _FAULTS_FIRED or int(v) != step:
+        return False
+    _FAULTS_FIRED.add(name)
+    return True
 
 
 @dataclass
@@ -138,6 +155,8 @@ class Session:
             self.eval_source = f"holdout 10% of {opts.data}"
         if len(self.train_ds) == 0:
             raise UserError(f"{opts.data}: no training records left")
+        self.full_train = self.train_ds
+        self.excluded: List[int] = []        # positions in full_train dropped at run time (--skip-bad)
         self.store = CheckpointStore(opts.run_dir or self.dir / "run", keep=opts.keep)
         self.control = Path(opts.control_file) if opts.control_file else self.store.dir / "control.json"
         self._control_mtime = None
@@ -152,11 +171,14 @@ class Session:
     def _start_point(self) -> Path:
         if self.opts.resume:
             found = self.store.latest(warn=self.log)
+            self.resume_info = {"from": None, "skipped_bad_checkpoints": list(self.store.skipped)}
             if found is not None:
                 path, self.state = found
+                self.resume_info["from"] = str(path)
                 self.log(f"resuming from {path.name} (step {self.state['step']})")
                 return path
-            self.log(f"no checkpoint in {self.store.dir}; starting from the bundle")
+            self.log(f"no good checkpoint in {self.store.dir}; starting from the bundle"
+                     + (f" ({len(self.store.skipped)} bad ones skipped)" if self.store.skipped else ""))
         elif self.store.steps():
             if not self.opts.fresh:
                 raise UserError(f"{self.store.dir} already holds checkpoints; pass --resume to continue them "
@@ -222,10 +244,26 @@ class Session:
         self.sampler.reset()
         return True
 
+    def _on_sigusr1(self, signum, frame) -> None:   # signal handler: only set a flag, act at the next step
+        self._halve_requested = True
+
+    def _exclude(self, positions: List[int]) -> None:
+        """Drop records (positions in the full training split) for the rest of the run."""
+        self.excluded = sorted(set(self.excluded) | set(int(p) for p in positions))
+        keep = np.setdiff1d(np.arange(len(self.full_train)), np.array(self.excluded, dtype=np.int64))
+        if keep.size == 0:
+            raise UserError(f"{self.opts.data}: every training record was dropped as bad")
+        self.train_ds = self.full_train.take(keep, self.full_train.skipped + len(self.excluded))
+        self._positions = keep
+
     # -- one optimizer step ---------------------------------------------------
     def _train_step(self, idx: np.ndarray) -> float:
         while True:
             try:
+                if _fault_at("TASKEDGE_FAULT_ALLOC_FAIL_AT_STEP", self.step):
+                    raise MemoryError("test-only fault hook TASKEDGE_FAULT_ALLOC_FAIL_AT_STEP")
+                if _fault_at("TASKEDGE_FAULT_NAN_AT_STEP", self.step):
+                    return float("nan")
                 loss_sum = 0.0
                 for j in range(0, len(idx), self.micro):
                     part = idx[j:j + self.micro]
@@ -241,20 +279,54 @@ class Session:
     def _update_finite(self) -> bool:
         return all(np.isfinite(self.checkpoint.get(n)).all() for n in self.manifest.trainable_names)
 
-    def _rollback(self, why: str) -> bool:
-        """Back to the newest good checkpoint with half the learning rate; False after 3 tries."""
-        self.divergences.append({"step": self.step, "why": why, "lr_scale": self.lr_scale})
+    def _culprits(self, idx: np.ndarray) -> List[int]:
+        """Records of the batch whose loss is NaN/Inf on their own (the state is still the last good one:
+        the loss is checked before the optimizer step). Empty if the batch as a whole is the problem."""
+        bad = []
+        for i in idx:
+            try:
+                loss = float(self.trainer.eval_step(self.train_ds.batch(np.array([i])))[0])
+            except Exception:  # noqa: BLE001 - a record that cannot even run is a culprit too
+                loss = float("nan")
+            if not math.isfinite(loss):
+                bad.append(int(i))
+        return bad if len(bad) < len(idx) or len(idx) == 1 else []
+
+    def _rollback(self, why: str, culprits: Optional[List[int]] = None) -> bool:
+        """Back to the newest good checkpoint with half the learning rate; False after 3 tries.
+        With --skip-bad, records that are non-finite on their own are dropped instead (no lr change)."""
+        culprits = culprits or []
+        named = [self.train_ds.describe(i) for i in culprits[:5]]
+        entry = {"step": self.step, "why": why, "lr_scale": self.lr_scale}
+        if named:
+            entry["bad_records"] = named
+        if culprits and self.opts.skip_bad:
+            entry["excluded"] = len(culprits)
+            self._exclude([int(self._positions[i]) for i in culprits])
+        self.divergences.append(entry)
         found = self.store.latest(warn=self.log)
         path, state = found if found else (self.dir / B.CHECKPOINT, {"step": 0})
         self._open(path)                        # never keep (or checkpoint) a diverged state
+        self._saved_at = None
         self.step = int(state["step"])
         self.losses = list(state.get("losses", []))[: self.step]
-        if len(self.divergences) > MAX_DIVERGENCE_RETRIES:
-            self.log(f"{why}: diverged {len(self.divergences)} times; stopping at the last good state "
-                     f"(step {self.step}, {path.name}). Lower --lr or check the data for bad records.")
+        self.evals = [e for e in self.evals if e[0] <= self.step]
+        if culprits and self.opts.skip_bad:
+            self.log(f"{why} at step {entry['step']}: dropped {len(culprits)} bad record(s) ({', '.join(named)}); "
+                     f"rolled back to {path.name}")
+            return True
+        tries = sum(1 for d in self.divergences if "excluded" not in d)
+        if tries > MAX_DIVERGENCE_RETRIES:
+            hint = (f"records that are non-finite on their own: {', '.join(named)} (fix them or pass --skip-bad)"
+                    if named else "lower --lr (the update overflows) or check the data for extreme values")
+            self.stop_message = (f"training diverged {tries} times ({why} at step {entry['step']}); "
+                                 f"{MAX_DIVERGENCE_RETRIES} rollbacks with a halved learning rate did not help; "
+                                 f"stopped at the last good state: step {self.step} ({path.name}). {hint}")
+            self.log(self.stop_message)
             return False
         self.lr_scale *= 0.5
-        self.log(f"{why} at step {self.step}: rolled back to {path.name}, learning rate x{self.lr_scale:g}")
+        self.log(f"{why} at step {entry['step']}" + (f" (bad records: {', '.join(named)})" if named else "")
+                 + f": rolled back to {path.name} (step {self.step}), learning rate x{self.lr_scale:g}")
         return True
 
     def snapshot(self) -> dict:
@@ -262,11 +334,28 @@ class Session:
                 "energy_j": self.energy_prev + self.meter.energy_j,
                 "seconds": self.seconds_prev + time.monotonic() - self.t0, "losses": self.losses,
                 "evals": self.evals, "accuracy_before": self.acc_before, "stepdowns": self.stepdowns,
-                "divergences": self.divergences, "seed": self.opts.seed}
+                "divergences": self.divergences, "excluded": self.excluded, "seed": self.opts.seed}
 
     # -- the loop -------------------------------------------------------------
     def run(self) -> dict:
+        self.store.lock()                   # one writer per run folder; removes temp files of a killed run
+        old_handler = None
+        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+            old_handler = signal.signal(signal.SIGUSR1, self._on_sigusr1)
+        try:
+            return self._run()
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGUSR1, old_handler)
+            self.store.unlock()
+
+    def _run(self) -> dict:
         opts = self.opts
+        self.resume_info = None
+        self.stop_message = None
+        self._saved_at = None
+        self._halve_requested = False
+        self._positions = np.arange(len(self.full_train))
         self._open(self._start_point())
         self.sampler = MemorySampler(interval_ms=5).start()
         self.meter = make_power_meter(self.profile).start()
@@ -294,6 +383,8 @@ class Session:
         self.evals: List[list] = list(st.get("evals", []))
         self.stepdowns: List[dict] = list(st.get("stepdowns", []))
         self.divergences: List[dict] = list(st.get("divergences", []))
+        if st.get("excluded"):
+            self._exclude(list(st["excluded"]))
         progress = Progress(total, opts.quiet)
         stop, last_step_j, run_steps = None, 0.0, 0
         self.t0 = time.monotonic()
@@ -310,11 +401,15 @@ class Session:
                 stop = "energy_budget"
                 break
             self._read_control()
+            if self._halve_requested:
+                self._halve_requested = False
+                self._step_down("SIGUSR1 received")
             e0 = self.meter.energy_j
-            loss = self._train_step(batch_indices(self.step, len(self.train_ds), effective, opts.seed))
+            idx = batch_indices(self.step, len(self.train_ds), effective, opts.seed)
+            loss = self._train_step(idx)
             if not math.isfinite(loss):
                 self.trainer.module.lazy_reset_grad()
-                stop = None if self._rollback(f"loss is {loss}") else "diverged"
+                stop = None if self._rollback(f"loss is {loss}", self._culprits(idx)) else "diverged"
                 continue
             self.trainer.lr = self.lr_scale * lr_at(self.step, total or 10 ** 9, base_lr, opts.schedule,
                                                     opts.warmup)
@@ -337,11 +432,15 @@ class Session:
                 self.evals.append([self.step, round(accuracy(self.trainer, self.eval_ds, eval_batch), 6)])
             if opts.checkpoint_every and self.step % opts.checkpoint_every == 0:
                 self.store.save(self.checkpoint, self.snapshot(), self.step)
+                self._saved_at = self.step
         self.meter.tick()
         progress(self.step, self.losses[-1] if self.losses else float("nan"),
                  run_steps / max(time.monotonic() - self.t0, 1e-9), self.sampler.peak_mb(), self.budget_mb,
                  self.energy_prev + self.meter.energy_j, not self.meter.measured, final=True)
-        ckpt = self.store.save(self.checkpoint, self.snapshot(), self.step)
+        if self._saved_at == self.step:       # nothing changed since the last checkpoint: don't rewrite it
+            ckpt = self.store.path(self.step)
+        else:
+            ckpt = self.store.save(self.checkpoint, self.snapshot(), self.step)
         update_path = write_update(self.checkpoint, self.manifest, self.store.dir / "update.npz")
         acc_after = accuracy(self.trainer, self.eval_ds, eval_batch)
         peak = self.sampler.stop()
@@ -370,7 +469,8 @@ class Session:
                        "fallback_reason": getattr(self.meter, "fallback_reason", None)},
             "time": {"seconds": round(self.seconds_prev + secs, 2), "seconds_this_run": round(secs, 2),
                      "steps_per_second": round(run_steps / max(secs, 1e-9), 3)},
-            "divergences": self.divergences, "lr_scale": self.lr_scale,
+            "divergences": self.divergences, "lr_scale": self.lr_scale, "stop_message": self.stop_message,
+            "resume": self.resume_info, "excluded_records": len(self.excluded),
             "skipped_records": self.train_ds.skipped + self.eval_ds.skipped,
             "trainable": {"update": m.update_params, "head": m.head_params, "share_of_weights": m.update_share},
             "checkpoint": str(ckpt), "update": str(update_path), "update_bytes": update_path.stat().st_size,
@@ -384,7 +484,11 @@ def adapt(bundle_dir, opts: AdaptOptions, log: Optional[Callable[[str], None]] =
 def write_update(checkpoint: Checkpoint, manifest: B.Manifest, path: Path) -> Path:
     """The trained tensors only (deltas / LoRA factors / head): what `merge` folds into the base model."""
     arrays = {name: checkpoint.get(name) for name in manifest.trainable_names}
-    with atomic_path(path, suffix=".npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+    try:
+        with atomic_path(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}; the checkpoints in {path.parent} are intact "
+                        "(free disk space, then --resume to write it again)") from None
     return path

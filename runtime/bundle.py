@@ -15,6 +15,7 @@ Both sides import this module; it is defined once, here.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,17 @@ BASE_MODEL = "base_model.onnx"
 ALLOCATION = "allocation.npz"
 TOKENIZER = "tokenizer.json"
 LABELS_INPUT = "labels"
+# Files the board opens by name: each must be listed (and hashed) in the manifest.
+REQUIRED_FILES = (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT, BASE_MODEL, ALLOCATION)
+# The manifest's own checksum: sha256 of its canonical JSON without this key. Optional (older
+# bundles lack it); when present a bit flip anywhere in the manifest is detected.
+SELF_HASH = "manifest_sha256"
+
+
+def manifest_digest(raw: dict) -> str:
+    body = {k: v for k, v in raw.items() if k != SELF_HASH}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 @dataclass
@@ -121,7 +133,9 @@ class Manifest:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, folder) -> None:
-        atomic_write_json(Path(folder) / MANIFEST, self.to_dict())
+        d = self.to_dict()
+        d[SELF_HASH] = manifest_digest(d)
+        atomic_write_json(Path(folder) / MANIFEST, d)
 
 
 def hash_files(folder, names) -> Dict[str, Dict[str, object]]:
@@ -141,10 +155,14 @@ def read_manifest(folder) -> Manifest:
         raise BundleError(f"bundle folder not found: {folder} (give the --out folder of `taskedge export`)")
     if not path.is_file():
         raise BundleError(f"{path}: missing; this is not a TaskEdge bundle (re-run `taskedge export`)")
+    if path.is_symlink():
+        raise BundleError(f"{path}: is a link; a bundle's manifest must be a plain file; refusing it")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path}: corrupted manifest ({e}); re-copy the bundle from the host") from None
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
     if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
         raise BundleError(f"{path}: not a TaskEdge manifest (schema field is {raw.get('schema')!r} if any)")
     version = raw.get("schema_version")
@@ -153,15 +171,19 @@ def read_manifest(folder) -> Manifest:
             f"{path}: bundle schema version {version} (exporter {raw.get('versions', {}).get('taskedge', '?')}) "
             f"is not supported by this runtime (reads {list(COMPATIBLE_SCHEMA_VERSIONS)}); "
             "export again with a matching taskedge version or upgrade the runtime")
+    if SELF_HASH in raw and raw[SELF_HASH] != manifest_digest(raw):
+        raise BundleError(f"{path}: corrupted manifest (its {SELF_HASH} does not match its content: a bit flip "
+                          "or an edit after export); re-copy the bundle from the host")
     try:
         return Manifest.from_dict(raw)
-    except (TypeError, KeyError) as e:
+    except (TypeError, KeyError, AttributeError) as e:
         raise BundleError(f"{path}: manifest does not match schema {SCHEMA_VERSION} ({e})") from None
 
 
 def safe_member(folder: Path, name: str) -> Path:
     """Resolve a file named in a manifest, refusing anything that leaves the bundle folder."""
-    if not name or name.startswith(("/", "\\")) or ".." in Path(name).parts:
+    if not isinstance(name, str) or not name or "\x00" in name or name.startswith(("/", "\\")) \
+            or os.path.isabs(name) or ".." in Path(name).parts or ".." in name.split("\\"):
         raise BundleError(f"bundle names a file outside its folder: {name!r}; refusing it")
     p = folder / name
     root = str(folder.resolve())
@@ -174,13 +196,25 @@ def load_bundle(folder, verify: bool = True) -> Manifest:
     """Read the manifest and verify the sha256 of every file it lists."""
     folder = Path(folder)
     manifest = read_manifest(folder)
+    if not isinstance(manifest.files, dict):
+        raise BundleError(f"{folder / MANIFEST}: 'files' must map file names to their sha256")
+    names = set(REQUIRED_FILES) | ({TOKENIZER} if os.path.lexists(folder / TOKENIZER) else set())
+    unlisted = sorted(n for n in names if n not in manifest.files)
+    if unlisted:
+        raise BundleError(f"{folder / MANIFEST}: does not list (and hash) {unlisted[0]!r}; the bundle is "
+                          "incomplete or was tampered with; re-export it")
+    for name in manifest.files:
+        safe_member(folder, name)                 # names that leave the folder or links: refused, always
     if verify:
         for name, meta in manifest.files.items():
             p = safe_member(folder, name)
             if not p.is_file():
                 raise BundleError(f"{p}: listed in the manifest but missing; re-copy the bundle")
-            digest = sha256_file(p)
-            if digest != meta.get("sha256"):
+            try:
+                digest = sha256_file(p)
+            except OSError as e:
+                raise BundleError(f"{p}: cannot read ({e.strerror or e}); re-copy the bundle") from None
+            if not isinstance(meta, dict) or digest != meta.get("sha256"):
                 raise BundleError(f"{p}: sha256 mismatch (file is corrupted or was changed after export); "
                                   "re-copy the bundle from the host")
     return manifest

@@ -4,77 +4,188 @@ A checkpoint is two files in the run folder:
     ckpt-00000120        ORT checkpoint (parameters + AdamW state), written atomically
     ckpt-00000120.json   commit record: sha256 of the checkpoint + the loop state, written last
 A checkpoint without its commit record, or whose hash does not match, is ignored
-(the previous one is used). The newest `keep` checkpoints are kept.
+(the previous one is used). The newest `keep` *good* checkpoints are kept: a torn or
+corrupted one never counts towards `keep`, so a bad file cannot push a good one out.
+
+Write order (each file atomic: temp name, fsync, rename, fsync dir):
+    1. remove a stale commit record of the same step (so a record always matches its data)
+    2. ckpt-N            3. ckpt-N.json          4. prune
+A power cut at any point leaves the previous good checkpoint untouched. Leftover temp
+files (`.ckpt-N.XXXX.tmp`) are removed by `clean()` when the next run takes the folder's lock.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from .fsutil import UserError, atomic_write_json, sha256_file
+from .fsutil import UserError, atomic_write_json, clean_temp_files, fault_delay, fsync_dir, sha256_file
 from .ort_train import Checkpoint
 
 _NAME = re.compile(r"^ckpt-(\d{8})$")
+_RECORD = re.compile(r"^ckpt-(\d{8})\.json$")
+LOCK = ".lock"
 
 
 class CheckpointStore:
     def __init__(self, run_dir, keep: int = 2):
         self.dir = Path(run_dir)
         self.keep = max(1, keep)
+        self.skipped: List[str] = []              # bad checkpoints passed over by the last `latest()`
+        self._verified: Dict[str, tuple] = {}     # name -> (size, mtime_ns) of data known to match its record
+        self._lock_fd: Optional[int] = None
 
+    # -- names ----------------------------------------------------------------
     def steps(self) -> List[int]:
         if not self.dir.is_dir():
             return []
         return sorted((int(m.group(1)) for p in self.dir.iterdir() if (m := _NAME.match(p.name))), reverse=True)
 
+    def _record_steps(self) -> List[int]:
+        if not self.dir.is_dir():
+            return []
+        return sorted((int(m.group(1)) for p in self.dir.iterdir() if (m := _RECORD.match(p.name))), reverse=True)
+
     def path(self, step: int) -> Path:
         return self.dir / f"ckpt-{step:08d}"
 
-    def save(self, checkpoint: Checkpoint, state: dict, step: int) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.path(step)
+    @staticmethod
+    def record_path(path: Path) -> Path:
+        return path.with_name(path.name + ".json")
+
+    # -- one writer per run folder ---------------------------------------------
+    def lock(self) -> None:
+        """Take an exclusive lock on the run folder (released by the kernel if the process dies), then
+        remove temp files left by an interrupted write. Two runs on one folder would corrupt each other."""
         try:
-            checkpoint.save(path, include_optimizer_state=True)
-            atomic_write_json(path.with_name(path.name + ".json"),
-                              {"sha256": sha256_file(path), "step": step, "state": state})
+            import fcntl
+        except ImportError:                      # not POSIX: no lock, still clean up
+            self.clean()
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(str(self.dir / LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint "
-                            "is intact (free disk space or make the run folder writable, then --resume)") from None
-        self._prune()
+            raise UserError(f"cannot use run folder {self.dir}: {e.strerror or e} ({self.dir / LOCK})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(f"{self.dir} is in use by another `taskedge adapt` (lock {self.dir / LOCK}); "
+                            "wait for it or give another --run-dir") from None
+        self._lock_fd = fd
+        self.clean()
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def clean(self) -> List[str]:
+        return clean_temp_files(self.dir)
+
+    # -- write ------------------------------------------------------------------
+    def save(self, checkpoint: Checkpoint, state: dict, step: int) -> Path:
+        path = self.path(step)
+        record = self.record_path(path)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if record.exists():                  # a record must never vouch for data it did not hash
+                record.unlink()
+                fsync_dir(self.dir)
+            self._verified.pop(path.name, None)
+            checkpoint.save(path, include_optimizer_state=True)
+            fault_delay(path.name)               # test-only hook (no-op unless TASKEDGE_FAULT_DELAY_CKPT is set)
+            atomic_write_json(record, {"sha256": sha256_file(path), "step": step, "state": state})
+        except Exception as e:                   # OSError, or ORT's own error when its write fails (disk full)
+            why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            where = getattr(e, "filename", None) or path
+            good = self.latest(warn=lambda m: None)
+            prev = f"the previous checkpoint {good[0]} is intact" if good else "no earlier checkpoint exists"
+            raise UserError(f"cannot write checkpoint {path} ({where}): {why}; {prev} "
+                            "(free disk space or make the run folder writable, then --resume)") from None
+        self._remember(path)
+        self._prune(current=step)
         return path
 
-    def _prune(self) -> None:
-        for step in self.steps()[self.keep:]:
-            for p in (self.path(step), self.path(step).with_name(f"ckpt-{step:08d}.json")):
-                try:
-                    p.unlink()
-                except OSError:
-                    pass
+    def _remember(self, path: Path) -> None:
+        st = path.stat()
+        self._verified[path.name] = (st.st_size, st.st_mtime_ns)
 
+    def _is_good(self, step: int) -> bool:
+        path = self.path(step)
+        try:
+            st = path.stat()
+            if self._verified.get(path.name) == (st.st_size, st.st_mtime_ns):
+                return self.record_path(path).is_file()
+            record = json.loads(self.record_path(path).read_text(encoding="utf-8"))
+            ok = isinstance(record, dict) and isinstance(record.get("state"), dict) \
+                and sha256_file(path) == record.get("sha256")
+        except (OSError, ValueError):
+            return False
+        if ok:
+            self._remember(path)
+        return ok
+
+    def _remove(self, step: int) -> None:
+        for p in (self.path(step), self.record_path(self.path(step))):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        self._verified.pop(self.path(step).name, None)
+
+    def _prune(self, current: int) -> None:
+        """Keep the newest `keep` good checkpoints (always the one just written); remove the rest,
+        including torn/corrupted ones and commit records without data."""
+        good = [current]
+        for step in self.steps():
+            if step != current and len(good) < self.keep and self._is_good(step):
+                good.append(step)
+        for step in set(self.steps()) | set(self._record_steps()):
+            if step not in good:
+                self._remove(step)
+
+    # -- read -------------------------------------------------------------------
     def latest(self, warn=lambda m: print(f"[adapt] {m}", file=sys.stderr)) -> Optional[Tuple[Path, dict]]:
-        """Newest checkpoint whose commit record exists and whose hash matches."""
+        """Newest checkpoint whose commit record exists and whose hash matches. Bad ones are named
+        through `warn` and listed in `self.skipped`."""
+        self.skipped = []
         for step in self.steps():
             path = self.path(step)
-            record_path = path.with_name(path.name + ".json")
+            record_path = self.record_path(path)
             try:
                 record = json.loads(record_path.read_text(encoding="utf-8"))
+                if not isinstance(record, dict) or not isinstance(record.get("state"), dict):
+                    raise ValueError("not a TaskEdge commit record")
             except FileNotFoundError:
                 warn(f"{path}: no commit record (write was interrupted); skipping it")
+                self.skipped.append(f"{path}: no commit record")
                 continue
             except (OSError, ValueError) as e:
                 warn(f"{record_path}: unreadable commit record ({e}); skipping it")
+                self.skipped.append(f"{record_path}: unreadable commit record")
                 continue
-            if sha256_file(path) != record.get("sha256"):
+            try:
+                digest = sha256_file(path)
+            except OSError as e:
+                warn(f"{path}: unreadable ({e.strerror or e}); falling back to an older checkpoint")
+                self.skipped.append(f"{path}: unreadable")
+                continue
+            if digest != record.get("sha256"):
                 warn(f"{path}: sha256 mismatch (torn or corrupted); falling back to an older checkpoint")
+                self.skipped.append(f"{path}: sha256 mismatch")
                 continue
+            self._remember(path)
             return path, record["state"]
         return None
 
     def clear(self) -> None:
-        for step in self.steps():
-            for p in (self.path(step), self.path(step).with_name(f"ckpt-{step:08d}.json")):
+        for step in set(self.steps()) | set(self._record_steps()):
+            for p in (self.path(step), self.record_path(self.path(step))):
                 if p.exists():
                     p.unlink()
+        self._verified.clear()

@@ -25,9 +25,23 @@ class Dataset:
     labels: np.ndarray
     source: str
     skipped: int = 0
+    records: Optional[np.ndarray] = None     # where each record came from: row / line number / image index
+    unit: str = "record"                     # "record" (npz row), "line" (JSONL, 1-based), "image"
+    files: Optional[List[str]] = None        # image folders: the file of each image index
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def describe(self, i: int) -> str:
+        """Where record `i` of this dataset came from, for error messages: 'FILE: record 12'."""
+        r = int(self.records[i]) if self.records is not None else int(i)
+        if self.files is not None:
+            return self.files[r]
+        return f"{self.source}: {self.unit} {r}"
+
+    def take(self, idx: np.ndarray, skipped: int = 0) -> "Dataset":
+        return Dataset({k: v[idx] for k, v in self.inputs.items()}, self.labels[idx], self.source, skipped,
+                       None if self.records is None else self.records[idx], self.unit, self.files)
 
     def batch(self, idx: np.ndarray) -> List[np.ndarray]:
         """Inputs in model order followed by labels, for the ORT training graph."""
@@ -58,16 +72,18 @@ def _bad_records(inputs: Dict[str, np.ndarray], labels: np.ndarray, num_classes:
 
 
 def _screen(inputs: Dict[str, np.ndarray], labels: np.ndarray, num_classes: int, source: str,
-            skip_bad: bool) -> Dataset:
+            skip_bad: bool, records: Optional[np.ndarray] = None, unit: str = "record",
+            files: Optional[List[str]] = None) -> Dataset:
+    full = Dataset(inputs, labels, source, 0, np.arange(len(labels)) if records is None else records, unit, files)
     bad = _bad_records(inputs, labels, num_classes)
     if bad and not skip_bad:
         i = min(bad)
-        raise UserError(f"{source}: record {i}: {bad[i]} ({len(bad)} bad records in all); fix the data or "
+        raise UserError(f"{full.describe(i)}: {bad[i]} ({len(bad)} bad records in all); fix the data or "
                         "pass --skip-bad to skip and count them")
     keep = np.array([i for i in range(len(labels)) if i not in bad], dtype=np.int64)
     if keep.size == 0:
-        raise UserError(f"{source}: every record is bad ({bad[min(bad)]} ...)")
-    return Dataset({k: v[keep] for k, v in inputs.items()}, labels[keep], source, skipped=len(bad))
+        raise UserError(f"{source}: every record is bad ({full.describe(min(bad))}: {bad[min(bad)]} ...)")
+    return full.take(keep, skipped=len(bad))
 
 
 def load_npz(path: Path, manifest: Manifest, skip_bad: bool = False) -> Dataset:
@@ -80,13 +96,13 @@ def load_npz(path: Path, manifest: Manifest, skip_bad: bool = False) -> Dataset:
         raise UserError(f"{path}: no 'labels' array; the file needs arrays {[s.name for s in manifest.inputs]} "
                         "plus 'labels'")
     check_arrays(manifest.inputs, arrays, str(path))
-    n = len(arrays[LABELS_INPUT])
+    labels = _check_labels(arrays[LABELS_INPUT], manifest.num_classes, str(path))
+    n = len(labels)
     if n == 0:
         raise UserError(f"{path}: no records")
     for s in manifest.inputs:
         if len(arrays[s.name]) != n:
             raise UserError(f"{path}: {s.name!r} has {len(arrays[s.name])} records but 'labels' has {n}")
-    labels = _check_labels(arrays[LABELS_INPUT], manifest.num_classes, str(path))
     return _screen(cast_to_specs(manifest.inputs, arrays), labels, manifest.num_classes, str(path), skip_bad)
 
 
@@ -104,18 +120,31 @@ def load_jsonl(path: Path, manifest: Manifest, bundle_dir: Path, skip_bad: bool 
     tok = Tokenizer.from_file(str(tok_path))
     tok.no_truncation()
     tok.no_padding()
-    texts, labels, skipped = [], [], 0
-    with open(path, encoding="utf-8", errors="strict") as f:
+    texts, labels, line_nos, skipped = [], [], [], 0
+    try:
+        with open(path, "rb") as f:
+            raw_lines = list(enumerate(f, 1))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    for line_no, raw in raw_lines:
         try:
-            lines = list(enumerate(f, 1))
+            line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise UserError(f"{path}: not UTF-8 text ({e})") from None
-    for line_no, line in lines:
+            if skip_bad:
+                skipped += 1
+                continue
+            raise UserError(f"{path}:{line_no}: not UTF-8 text ({e}); pass --skip-bad to skip and count") from None
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-            text, label = rec["text"], int(rec["label"])
+            if not isinstance(rec, dict):
+                raise TypeError(f"a JSON {type(rec).__name__}, not an object")
+            text, label = rec["text"], rec["label"]
+            if isinstance(label, bool) or not isinstance(label, (int, float)) \
+                    or (isinstance(label, float) and not label.is_integer()):
+                raise TypeError(f"label {label!r} is not an integer")
+            label = int(label)
             if not isinstance(text, str):
                 raise TypeError("text is not a string")
             n_tok = len(tok.encode(text).ids)
@@ -129,8 +158,9 @@ def load_jsonl(path: Path, manifest: Manifest, bundle_dir: Path, skip_bad: bool 
                             'want {"text": str, "label": int}; pass --skip-bad to skip and count') from None
         texts.append(text)
         labels.append(label)
+        line_nos.append(line_no)
     if not texts:
-        raise UserError(f"{path}: no records")
+        raise UserError(f"{path}: no records" + (f" ({skipped} bad lines skipped)" if skipped else ""))
     tok.enable_truncation(max_len)
     tok.enable_padding(length=max_len)
     enc = tok.encode_batch(texts)
@@ -140,7 +170,8 @@ def load_jsonl(path: Path, manifest: Manifest, bundle_dir: Path, skip_bad: bool 
     arrays = {s.name: arrays[s.name] for s in manifest.inputs if s.name in arrays}
     check_arrays(manifest.inputs, arrays, str(path))
     labels_arr = _check_labels(np.array(labels, dtype=np.int64), manifest.num_classes, str(path))
-    ds = _screen(cast_to_specs(manifest.inputs, arrays), labels_arr, manifest.num_classes, str(path), skip_bad)
+    ds = _screen(cast_to_specs(manifest.inputs, arrays), labels_arr, manifest.num_classes, str(path), skip_bad,
+                 records=np.array(line_nos, dtype=np.int64), unit="line")
     ds.skipped += skipped
     return ds
 
@@ -152,14 +183,18 @@ def load_image_folder(path: Path, manifest: Manifest, skip_bad: bool = False) ->
         raise UserError("image folders need Pillow: pip install 'taskedge[data]'") from None
     pre = manifest.preprocessing
     spec = manifest.inputs[0]
-    h, w = (int(x) for x in pre.get("size", spec.shape[-2:]))
+    try:
+        h, w = (int(x) for x in pre.get("size", spec.shape[-2:]))
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: the bundle's input {spec.name!r} {spec.shape} has no fixed image size; "
+                        "export with preprocessing.size or use .npz data") from None
     mode = pre.get("channels", "RGB" if spec.shape[1] == 3 else "L")
     mean = np.array(pre.get("mean", [0.0]), dtype=np.float32).reshape(-1, 1, 1)
     std = np.array(pre.get("std", [1.0]), dtype=np.float32).reshape(-1, 1, 1)
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if len(classes) > manifest.num_classes or not classes:
         raise UserError(f"{path}: found {len(classes)} class folders, the bundle's head has {manifest.num_classes}")
-    images, labels, skipped = [], [], 0
+    images, labels, names, skipped = [], [], [], 0
     for label, cls in enumerate(classes):
         for f in sorted((path / cls).iterdir()):
             if f.suffix.lower() not in IMAGE_SUFFIXES:
@@ -177,11 +212,13 @@ def load_image_folder(path: Path, manifest: Manifest, skip_bad: bool = False) ->
             a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
             images.append((a - mean) / std)
             labels.append(label)
+            names.append(str(f))
     if not images:
-        raise UserError(f"{path}: no images in the class folders")
+        raise UserError(f"{path}: no images in the class folders" + (f" ({skipped} bad ones skipped)" if skipped else ""))
     arrays = {spec.name: np.stack(images).astype(np.float32)}
     check_arrays(manifest.inputs, arrays, str(path))
-    ds = _screen(arrays, np.array(labels, dtype=np.int64), manifest.num_classes, str(path), skip_bad)
+    ds = _screen(arrays, np.array(labels, dtype=np.int64), manifest.num_classes, str(path), skip_bad,
+                 unit="image", files=names)
     ds.skipped += skipped
     return ds
 
@@ -207,9 +244,7 @@ def split(ds: Dataset, fraction: float, seed: int) -> tuple:
     order = rng.permutation(len(ds))
     n_hold = max(1, int(len(ds) * fraction))
     hold, train = order[:n_hold], order[n_hold:]
-    def take(idx, skipped=0):
-        return Dataset({k: v[idx] for k, v in ds.inputs.items()}, ds.labels[idx], ds.source, skipped)
-    return take(train, ds.skipped), take(hold)
+    return ds.take(train, ds.skipped), ds.take(hold)
 
 
 def optional(path: Optional[str], manifest: Manifest, bundle_dir) -> Optional[Dataset]:

@@ -11,7 +11,20 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
+
+TEMP_SUFFIX = ".tmp"
+
+
+def fault_delay(what: str) -> None:
+    """TEST-ONLY fault-injection hook (tests/faults): with TASKEDGE_FAULT_DELAY_CKPT=SECONDS set, sleep
+    inside the checkpoint write window (temp file written but not yet renamed; checkpoint renamed but
+    its commit record not yet written) so a test can SIGKILL the process there. Unset in production:
+    then this is a no-op."""
+    delay = os.environ.get("TASKEDGE_FAULT_DELAY_CKPT")
+    if delay and what.startswith("ckpt-"):
+        time.sleep(float(delay))
 
 
 class UserError(Exception):
@@ -36,10 +49,11 @@ def atomic_path(dest, suffix: str = ""):
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=str(dest.parent))
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + TEMP_SUFFIX, dir=str(dest.parent))
     os.close(fd)
     try:
         yield Path(tmp)
+        fault_delay(dest.name)                      # test-only hook; no-op unless the env var is set
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
@@ -48,6 +62,21 @@ def atomic_path(dest, suffix: str = ""):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def clean_temp_files(folder) -> list:
+    """Remove the leftovers of interrupted atomic writes (`.NAME.XXXX[.suffix].tmp`) in `folder`.
+    Call it only while holding the folder's lock (no writer is active)."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX) and p.is_file() and not p.is_symlink():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p.name)
+    return removed
 
 
 def atomic_write_bytes(dest, data: bytes) -> None:

@@ -51,7 +51,7 @@ def merged_weights(manifest: B.Manifest, base: onnx.ModelProto, alloc: Dict[str,
     for layer in manifest.layers:
         w = numpy_helper.to_array(inits[layer.weight]).astype(np.float32, copy=True)
         rows = w.reshape(w.shape[0], -1) if layer.op == "Conv" else (w if layer.row_axis == 0 else w.T)
-        idx = alloc[layer.weight]
+        idx = alloc[layer.weight].astype(np.int64)
         rows[np.arange(layer.rows)[:, None], idx] += dense_delta(layer, params, idx)
         out[layer.weight] = w
     if manifest.head:

@@ -43,8 +43,8 @@ def test_allocation_gives_every_row_k_and_the_top_scores():
     assert idx.shape == (7, 3)
     for r in range(7):
         assert set(idx[r]) == set(np.argsort(-s[r])[:3])
-    assert imp.per_row_k(1000, [10, 20], [5, 5]) == 33
-    assert imp.per_row_k(5, [10, 20], [5, 5]) == 1          # k >= 1 always
+    assert imp.per_row_k(1000, [10, 20]) == 33
+    assert imp.per_row_k(5, [10, 20]) == 1                   # k >= 1 always
     assert imp.layer_k(33, 12) == 12                         # capped by the row length
     assert imp.layer_k(10, 12, (2, 4)) == 6                  # capped by N:M
 
