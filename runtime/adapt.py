@@ -33,6 +33,9 @@ from .profiles import load_profile
 from .telemetry import MemorySampler, make_power_meter
 
 MAX_DIVERGENCE_RETRIES = 3
+# A finite loss this many times the run's early loss (median of its first 10 steps) counts as
+# divergence too: with too high a learning rate the loss explodes to 1e11 long before it is Inf.
+EXPLODED_FACTOR = 1000.0
 
 # TEST-ONLY fault-injection hooks (used by tests/faults; unset in production, where they do nothing):
 #   TASKEDGE_FAULT_ALLOC_FAIL_AT_STEP=N  raise MemoryError once from the train step at step N
@@ -410,6 +413,11 @@ class Session:
             if not math.isfinite(loss):
                 self.trainer.module.lazy_reset_grad()
                 stop = None if self._rollback(f"loss is {loss}", self._culprits(idx)) else "diverged"
+                continue
+            ref = float(np.median(self.losses[:10])) if self.losses else None
+            if ref is not None and loss > EXPLODED_FACTOR * max(ref, 1e-3):
+                self.trainer.module.lazy_reset_grad()
+                stop = None if self._rollback(f"loss exploded to {loss:.4g} (early loss {ref:.4g})") else "diverged"
                 continue
             self.trainer.lr = self.lr_scale * lr_at(self.step, total or 10 ** 9, base_lr, opts.schedule,
                                                     opts.warmup)

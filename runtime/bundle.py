@@ -171,6 +171,9 @@ def read_manifest(folder) -> Manifest:
             f"{path}: bundle schema version {version} (exporter {raw.get('versions', {}).get('taskedge', '?')}) "
             f"is not supported by this runtime (reads {list(COMPATIBLE_SCHEMA_VERSIONS)}); "
             "export again with a matching taskedge version or upgrade the runtime")
+    unknown = sorted(set(raw) - set(Manifest.__dataclass_fields__) - {"summary", SELF_HASH})
+    if unknown:
+        raise BundleError(f"{path}: corrupted manifest (unknown field {unknown[0]!r}); re-copy the bundle from the host")
     if SELF_HASH in raw and raw[SELF_HASH] != manifest_digest(raw):
         raise BundleError(f"{path}: corrupted manifest (its {SELF_HASH} does not match its content: a bit flip "
                           "or an edit after export); re-copy the bundle from the host")

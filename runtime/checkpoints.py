@@ -66,9 +66,12 @@ class CheckpointStore:
         except ImportError:                      # not POSIX: no lock, still clean up
             self.clean()
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(str(self.dir / LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(str(self.dir / LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:                      # read-only folder: lock through a read-only descriptor,
+                fd = os.open(str(self.dir), os.O_RDONLY)   # the checkpoint write will name the problem
         except OSError as e:
             raise UserError(f"cannot use run folder {self.dir}: {e.strerror or e} ({self.dir / LOCK})") from None
         try:
@@ -103,11 +106,14 @@ class CheckpointStore:
             fault_delay(path.name)               # test-only hook (no-op unless TASKEDGE_FAULT_DELAY_CKPT is set)
             atomic_write_json(record, {"sha256": sha256_file(path), "step": step, "state": state})
         except Exception as e:                   # OSError, or ORT's own error when its write fails (disk full)
-            why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-            where = getattr(e, "filename", None) or path
+            if isinstance(e, OSError) and e.strerror:
+                why = e.strerror
+            else:                                # ORT: a multi-line message ending in "error:<strerror> errno:N"
+                why = " ".join(str(e).split())
+                why = why.rsplit("error:", 1)[1].strip() if "error:" in why else f"{type(e).__name__}: {why}"
             good = self.latest(warn=lambda m: None)
             prev = f"the previous checkpoint {good[0]} is intact" if good else "no earlier checkpoint exists"
-            raise UserError(f"cannot write checkpoint {path} ({where}): {why}; {prev} "
+            raise UserError(f"cannot write checkpoint {path}: {why}; {prev} "
                             "(free disk space or make the run folder writable, then --resume)") from None
         self._remember(path)
         self._prune(current=step)

@@ -55,6 +55,9 @@ def cmd_adapt(a) -> int:
               f"{report['loss']['last']:.4f}  accuracy {acc['before']:.4f} -> {acc['after']:.4f}  "
               f"peak RSS {report['memory']['peak_rss_mb']} MB  energy {report['energy']['joules']} J"
               f"{'' if report['energy']['measured'] else ' (estimated)'}  update {report['update']}")
+    if report["stop_reason"] == "diverged":
+        print(f"taskedge adapt: diverged: {report.get('stop_message', 'see the report')}", file=sys.stderr)
+        return 1
     return 0
 
 
