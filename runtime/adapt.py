@@ -207,15 +207,22 @@ class Session:
             raise UserError(f"even micro-batch 1 needs ~{p1:.0f} MB peak RSS, above the memory budget "
                             f"{self.budget_mb:.0f} MB; raise --memory-budget-mb, pick a larger profile, or "
                             "export fewer layers (--include/--exclude)")
-        micro = 1
-        for b in range(2, effective + 1):
-            if effective % b == 0 and p1 + (b - 1) * slope <= 0.9 * self.budget_mb:
-                micro = b
+        fits = [b for b in range(1, effective + 1)
+                if effective % b == 0 and (b == 1 or p1 + (b - 1) * slope <= 0.9 * self.budget_mb)]
+        # check the extrapolation at the chosen size; a larger-than-linear peak moves down a size
+        measured = None
+        while len(fits) > 1:
+            measured = peak_of(fits[-1])
+            if measured <= 0.9 * self.budget_mb:
+                break
+            fits.pop()
+        micro = fits[-1]
         plan = {"micro_batch": micro, "accumulation": effective // micro, "effective_batch": effective,
                 "peak_mb_at_1": round(p1, 1), "mb_per_sample": round(slope, 3),
-                "predicted_peak_mb": round(p1 + (micro - 1) * slope, 1)}
+                "predicted_peak_mb": round(p1 + (micro - 1) * slope, 1),
+                "measured_peak_mb": round(measured if measured is not None and micro > 1 else p1, 1)}
         self.log(f"memory plan: micro-batch {micro} x {plan['accumulation']} accumulation "
-                 f"(predicted peak {plan['predicted_peak_mb']} MB of {self.budget_mb:.0f} MB budget)")
+                 f"(measured peak {plan['measured_peak_mb']} MB of {self.budget_mb:.0f} MB budget)")
         return plan
 
     # -- control --------------------------------------------------------------
