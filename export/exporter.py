@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from taskedge.runtime import bundle as B
-from taskedge.runtime.fsutil import UserError, atomic_path, staged_dir
+from taskedge.runtime.fsutil import UserError, staged_dir
 from taskedge.runtime.specs import check_arrays, graph_input_specs
 
 from . import importance as imp

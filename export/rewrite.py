@@ -8,7 +8,6 @@ Names derive from the weight: `<weight>.taskedge_delta`, `<weight>.taskedge_idx`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np

@@ -40,15 +40,17 @@ class CheckpointStore:
         self._lock_fd: Optional[int] = None
 
     # -- names ----------------------------------------------------------------
-    def steps(self) -> List[int]:
+    def _scan(self, pattern: "re.Pattern") -> List[int]:
+        """Steps of the files in the run folder whose names match `pattern`, newest first."""
         if not self.dir.is_dir():
             return []
-        return sorted((int(m.group(1)) for p in self.dir.iterdir() if (m := _NAME.match(p.name))), reverse=True)
+        return sorted((int(m.group(1)) for p in self.dir.iterdir() if (m := pattern.match(p.name))), reverse=True)
+
+    def steps(self) -> List[int]:
+        return self._scan(_NAME)
 
     def _record_steps(self) -> List[int]:
-        if not self.dir.is_dir():
-            return []
-        return sorted((int(m.group(1)) for p in self.dir.iterdir() if (m := _RECORD.match(p.name))), reverse=True)
+        return self._scan(_RECORD)
 
     def path(self, step: int) -> Path:
         return self.dir / f"ckpt-{step:08d}"

@@ -52,7 +52,7 @@ class Dataset:
             yield np.arange(start, min(start + batch_size, len(self)))
 
 
-def _check_labels(labels: np.ndarray, num_classes: int, source: str) -> np.ndarray:
+def _check_labels(labels: np.ndarray, source: str) -> np.ndarray:
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise UserError(f"{source}: 'labels' must be a 1-D integer array (got {labels.dtype} {list(labels.shape)})")
     return labels.astype(np.int64)
@@ -96,7 +96,7 @@ def load_npz(path: Path, manifest: Manifest, skip_bad: bool = False) -> Dataset:
         raise UserError(f"{path}: no 'labels' array; the file needs arrays {[s.name for s in manifest.inputs]} "
                         "plus 'labels'")
     check_arrays(manifest.inputs, arrays, str(path))
-    labels = _check_labels(arrays[LABELS_INPUT], manifest.num_classes, str(path))
+    labels = _check_labels(arrays[LABELS_INPUT], str(path))
     n = len(labels)
     if n == 0:
         raise UserError(f"{path}: no records")
@@ -169,7 +169,7 @@ def load_jsonl(path: Path, manifest: Manifest, bundle_dir: Path, skip_bad: bool 
               "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64)}
     arrays = {s.name: arrays[s.name] for s in manifest.inputs if s.name in arrays}
     check_arrays(manifest.inputs, arrays, str(path))
-    labels_arr = _check_labels(np.array(labels, dtype=np.int64), manifest.num_classes, str(path))
+    labels_arr = _check_labels(np.array(labels, dtype=np.int64), str(path))
     ds = _screen(cast_to_specs(manifest.inputs, arrays), labels_arr, manifest.num_classes, str(path), skip_bad,
                  records=np.array(line_nos, dtype=np.int64), unit="line")
     ds.skipped += skipped
@@ -246,6 +246,3 @@ def split(ds: Dataset, fraction: float, seed: int) -> tuple:
     hold, train = order[:n_hold], order[n_hold:]
     return ds.take(train, ds.skipped), ds.take(hold)
 
-
-def optional(path: Optional[str], manifest: Manifest, bundle_dir) -> Optional[Dataset]:
-    return load_dataset(path, manifest, bundle_dir) if path else None

@@ -7,7 +7,7 @@ CheckpointState) do.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import numpy as np
 from onnxruntime.capi import _pybind_state as C
@@ -108,10 +108,3 @@ class Trainer:
     def trainable_size(self) -> int:
         return int(self.module.get_parameters_size(True))
 
-    def sync_to_checkpoint(self) -> None:
-        """Module keeps parameters in the checkpoint state already; nothing to copy."""
-        return None
-
-
-def parameters_of(checkpoint: Checkpoint, names: Sequence[str]) -> Dict[str, np.ndarray]:
-    return {n: checkpoint.get(n) for n in names}

@@ -29,8 +29,7 @@ def graph_input_specs(model: onnx.ModelProto) -> List[TensorSpec]:
     return specs
 
 
-def check_arrays(specs: List[TensorSpec], arrays: Mapping[str, np.ndarray], source: str,
-                 batch_dims_only: bool = True) -> None:
+def check_arrays(specs: List[TensorSpec], arrays: Mapping[str, np.ndarray], source: str) -> None:
     """Raise a UserError naming `source` and the offending input if `arrays` cannot feed the model."""
     names = [s.name for s in specs]
     missing = [n for n in names if n not in arrays]

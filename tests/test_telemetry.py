@@ -11,8 +11,8 @@ import pytest
 
 from taskedge.runtime.fsutil import UserError
 from taskedge.runtime.profiles import load_profile
-from taskedge.runtime.telemetry import (EstimatedMeter, Ina3221Meter, MemorySampler, NvmlMeter,
-                                        make_power_meter, peak_rss_mb, rss_mb, system_available_mb)
+from taskedge.runtime.telemetry import (EstimatedMeter, Ina3221Meter, NvmlMeter,
+                                        make_power_meter)
 
 GLOB = "/sys/bus/i2c/drivers/ina3221/*/hwmon/hwmon*"
 

@@ -8,7 +8,6 @@ changed one is refused).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

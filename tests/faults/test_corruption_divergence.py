@@ -2,7 +2,6 @@
 learning rate, goes on, and stops with a clear report after 3 tries."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
