@@ -90,6 +90,15 @@ def _delta(b: _Builder, rows: int, idx_rows: np.ndarray, cols: int, lora_rank: O
     return d, [a, bb], r * (rows + cols)
 
 
+def _times_alpha(b: _Builder, op: WeightOp, update: str) -> str:
+    """Gemm computes alpha * A @ B: the update's output term is scaled the same way, so that
+    delta lives in weight space (what `merge` adds to W)."""
+    alpha = next((a.f for a in op.node.attribute if a.name == "alpha"), 1.0) if op.op == "Gemm" else 1.0
+    if alpha == 1.0:
+        return update
+    return b.node("Mul", [update, b.init("alpha", np.array(alpha, dtype=np.float32))], "update_scaled")
+
+
 def _gather_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str, y: str) -> str:
     """Extra output ReduceSum(Gather(x, idx) * delta) added to y."""
     idx = b.init("idx", idx_rows)
@@ -97,10 +106,7 @@ def _gather_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str, y:
     g = b.node("Gather", [op.activation, idx], "gathered", axis=axis)     # [..., rows, k]
     m = b.node("Mul", [g, delta], "weighted")
     s = b.reduce_sum(m, -1, "update_out")                                # [..., rows]
-    if op.op == "Gemm":
-        alpha = next((a.f for a in op.node.attribute if a.name == "alpha"), 1.0)
-        if alpha != 1.0:
-            s = b.node("Mul", [s, b.init("alpha", np.array(alpha, dtype=np.float32))], "update_scaled")
+    s = _times_alpha(b, op, s)
     return b.node("Add", [y, s], "out")
 
 
@@ -119,10 +125,7 @@ def _gather_rows_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: st
     d3 = b.unsqueeze(delta, -1, "delta3")                                              # [rows, k, 1]
     s = b.reduce_sum(b.node("Mul", [g3, d3], "weighted"), 1, "update_t")               # [rows, tokens]
     st = b.node("Transpose", [s], "update_tokens", perm=[1, 0])                        # [tokens, rows]
-    if op.op == "Gemm":
-        alpha = next((a.f for a in op.node.attribute if a.name == "alpha"), 1.0)
-        if alpha != 1.0:
-            st = b.node("Mul", [st, b.init("alpha", np.array(alpha, dtype=np.float32))], "update_scaled")
+    st = _times_alpha(b, op, st)
     shaped = b.node("Reshape", [st, b.node("Shape", [y], "y_shape")], "update_out")
     return b.node("Add", [y, shaped], "out")
 
@@ -139,6 +142,7 @@ def _gather_elements_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta
     g = b.node("GatherElements", [flat, idx], "gathered", axis=1)
     g3 = b.node("Reshape", [g, b.init("g_shape", np.array([-1, rows, k], dtype=np.int64))], "gathered3")
     s = b.reduce_sum(b.node("Mul", [g3, delta], "weighted"), -1, "update_rows")      # [tokens, rows]
+    s = _times_alpha(b, op, s)
     shaped = b.node("Reshape", [s, b.node("Shape", [y], "y_shape")], "update_out")
     return b.node("Add", [y, shaped], "out")
 

@@ -189,3 +189,34 @@ def test_bad_input_one_line_exit_2_nothing_left(tmp_path, mlp_onnx, mlp_data, ca
     assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("form", ["gather", "gather_rows", "gather_elements", "scatter"])
+def test_gemm_alpha_update_matches_merged_weights(tmp_path, form):
+    """Gemm(alpha=2): the graph's update term and `merge` (which adds delta to W) must agree."""
+    from onnx import TensorProto, helper
+    from taskedge.runtime.evaluate import predict_onnx
+    from taskedge.runtime.merge import merge
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((3, 8)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], name="g1", transB=1, alpha=2.0),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2"], ["y"], name="g2", transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(tmp_path / "m.onnx"))
+    x = rng.standard_normal((16, 6)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    out = tmp_path / "b"
+    m = export_bundle(ExportConfig(model=str(tmp_path / "m.onnx"), out=str(out), calib=str(tmp_path / "c.npz"),
+                                   budget=0.5, num_classes=3, formulation={"Gemm": form}), log=lambda s: None)
+    ck = Checkpoint(out / B.CHECKPOINT)
+    tr = Trainer(out / B.TRAINING_MODEL, out / B.EVAL_MODEL, out / B.OPTIMIZER_MODEL, ck)
+    for name in m.trainable_names:
+        ck.set(name, rng.standard_normal(ck.get(name).shape).astype(np.float32))
+    want = tr.eval_step([x, np.zeros(16, np.int64)])[1]
+    np.savez(tmp_path / "update.npz", **{n: ck.get(n) for n in m.trainable_names})
+    merge(out, tmp_path / "merged.onnx", update=str(tmp_path / "update.npz"))
+    np.testing.assert_allclose(predict_onnx(tmp_path / "merged.onnx", {"x": x}), want, rtol=1e-5, atol=1e-5)
