@@ -21,6 +21,7 @@ class ExportConfig:
     num_classes: Optional[int] = None           # new dense head with this many classes
     head_only: bool = False                     # train only the new head (linear-probe baseline)
     formulation: dict = field(default_factory=dict)   # per op type: gather | scatter
+    sparse_backward: bool = True                # export/backward.py; False keeps ORT's dense weight gradient
     lr: float = 1e-3                            # stored as the default for the board
     seed: int = 0
 

@@ -26,6 +26,7 @@ from .calibrate import activation_norms
 from .config import ExportConfig
 from .ingest import ingest
 from .layers import count_weights, filter_ops, find_weight_ops, initializer_arrays
+from .backward import sparsify_backward
 from .rewrite import FORMULATIONS, add_head, insert_updates, prepare_for_training
 
 
@@ -161,6 +162,11 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         t = time.perf_counter()
         _artifacts(model, trainable, tmp)
         log(f"artifacts built in {time.perf_counter() - t:.1f}s")
+        if cfg.sparse_backward and indices:
+            training = onnx.load(str(tmp / B.TRAINING_MODEL))
+            n = sparsify_backward(training, table, indices)
+            onnx.save(training, str(tmp / B.TRAINING_MODEL))
+            log(f"sparse backward: {n} of {len(table)} layers compute their gradient at the used columns only")
         onnx.save(base, str(tmp / B.BASE_MODEL))
         np.savez(tmp / B.ALLOCATION, **{k: v.astype(np.uint16 if v.max(initial=0) < 65536 else np.int32)
                                         for k, v in indices.items()})   # smallest index type on disk

@@ -68,10 +68,11 @@ class LayerAllocation:
     rows: int                       # output neurons
     cols: int                       # inputs per output neuron (Conv: Cin/groups * kh * kw)
     k: int                          # trainable inputs per output neuron
-    formulation: str                # gather | scatter
+    formulation: str                # gather | gather_rows | gather_elements | scatter
     row_axis: int                   # axis of `weight` that indexes output neurons
     trainable: int                  # trainable parameters of this layer's update
     params: List[str]               # trainable tensors: [delta] or [lora_A, lora_B]
+    backward: str = "dense"         # sparse: weight gradient only at the used columns (export/backward.py)
 
 
 @dataclass

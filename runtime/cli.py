@@ -29,7 +29,8 @@ def cmd_export(a) -> int:
     cfg = ExportConfig(model=a.model, out=a.out, calib=a.calib, calib_batches=a.calib_batches,
                        batch_size=a.batch_size, budget=a.budget, nm=a.nm, lora_rank=a.lora_rank,
                        include=a.include or [], exclude=a.exclude or [], num_classes=a.num_classes,
-                       head_only=a.head_only, formulation=forms, lr=a.lr, seed=a.seed)
+                       head_only=a.head_only, formulation=forms, sparse_backward=not a.dense_backward,
+                       lr=a.lr, seed=a.seed)
     export_bundle(cfg)
     info = inspect_bundle(a.out, verify=False)
     _print_json(info) if a.json else print(format_inspect(info))
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--head-only", action="store_true", help="train only the new head (linear-probe baseline)")
     e.add_argument("--formulation", action="append", metavar="OP=FORM",
                    help="update formulation per op type, e.g. MatMul=gather, Conv=scatter")
+    e.add_argument("--dense-backward", action="store_true",
+                   help="keep ORT's dense weight gradient for scatter layers (slower; for comparison)")
     e.add_argument("--lr", type=float, default=1e-3, help="default learning rate stored in the bundle")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true", help="print the bundle summary as JSON")

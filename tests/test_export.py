@@ -220,3 +220,67 @@ def test_gemm_alpha_update_matches_merged_weights(tmp_path, form):
     np.savez(tmp_path / "update.npz", **{n: ck.get(n) for n in m.trainable_names})
     merge(out, tmp_path / "merged.onnx", update=str(tmp_path / "update.npz"))
     np.testing.assert_allclose(predict_onnx(tmp_path / "merged.onnx", {"x": x}), want, rtol=1e-5, atol=1e-5)
+
+
+def _mixed_model(path, rng):
+    """3-D MatMuls, a Gemm(transB=1, alpha=2) and a Gemm(transB=0): every layout sparse backward handles."""
+    from onnx import TensorProto, helper
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (6, 8)), ("w2", (8, 8)), ("w3", (8, 8)), ("w4", (8, 8)), ("w5", (3, 8)))]
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "ax"))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="m1"), helper.make_node("Relu", ["a"], ["ar"]),
+             helper.make_node("MatMul", ["ar", "w2"], ["b"], name="m2"),
+             helper.make_node("ReduceMean", ["b"], ["bm"], axes=[1], keepdims=0),
+             helper.make_node("Gemm", ["bm", "w3"], ["c"], name="g3", transB=1, alpha=2.0),
+             helper.make_node("Tanh", ["c"], ["ct"]),
+             helper.make_node("Gemm", ["ct", "w4"], ["d"], name="g4"), helper.make_node("Relu", ["d"], ["dr"]),
+             helper.make_node("Gemm", ["dr", "w5"], ["y"], name="g5", transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+@pytest.mark.parametrize("lora_rank", [None, 2])
+def test_sparse_backward_is_exact(tmp_path, lora_rank):
+    """The rewritten training graph (export/backward.py) trains exactly like ORT's dense gradient."""
+    rng = np.random.default_rng(0)
+    _mixed_model(tmp_path / "m.onnx", rng)
+    x = rng.standard_normal((32, 4, 6)).astype(np.float32)
+    labels = rng.integers(0, 3, 32).astype(np.int64)
+    np.savez(tmp_path / "c.npz", x=x)
+    runs = {}
+    for sparse in (True, False):
+        out = tmp_path / f"b{sparse}"
+        m = export_bundle(ExportConfig(model=str(tmp_path / "m.onnx"), out=str(out), calib=str(tmp_path / "c.npz"),
+                                       budget=0.3, num_classes=3, lora_rank=lora_rank, sparse_backward=sparse,
+                                       formulation={"MatMul": "scatter", "Gemm": "scatter"}), log=lambda s: None)
+        assert {l.backward for l in m.layers} == {"sparse" if sparse else "dense"}
+        assert max(l.k for l in m.layers) > 1
+        ck = Checkpoint(out / B.CHECKPOINT)
+        tr = Trainer(out / B.TRAINING_MODEL, out / B.EVAL_MODEL, out / B.OPTIMIZER_MODEL, ck)
+        init = np.random.default_rng(1)
+        for name in m.trainable_names:   # non-zero deltas, so dx must see the updated weights
+            ck.set(name, 0.3 * init.standard_normal(ck.get(name).shape).astype(np.float32))
+        losses = []
+        for i in range(4):
+            losses.append(float(tr.train_step([x[8 * i:8 * i + 8], labels[8 * i:8 * i + 8]])[0]))
+            tr.optimizer_step()
+        runs[sparse] = (losses, {n: ck.get(n) for n in m.trainable_names})
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-5)
+    for name, value in runs[False][1].items():
+        np.testing.assert_allclose(runs[True][1][name], value, rtol=1e-4, atol=1e-6)
+    assert len(runs[False][1]) >= 5
+
+
+def test_sparse_backward_drops_the_dense_weight_gradient(tmp_path):
+    rng = np.random.default_rng(0)
+    _mixed_model(tmp_path / "m.onnx", rng)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((32, 4, 6)).astype(np.float32))
+    out = tmp_path / "b"
+    export_bundle(ExportConfig(model=str(tmp_path / "m.onnx"), out=str(out), calib=str(tmp_path / "c.npz"),
+                               budget=0.3, num_classes=3, formulation={"MatMul": "scatter", "Gemm": "scatter"}),
+                  log=lambda s: None)
+    names = {o for n in onnx.load(str(out / B.TRAINING_MODEL)).graph.node for o in n.output}
+    for w in ("w1", "w2", "w3", "w4"):
+        assert f"{w}.taskedge_w_scattered_grad" not in names          # no [cols, rows] gradient GEMM
+        assert f"{w}.taskedge_sb_grad_used" in names

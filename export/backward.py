@@ -1,0 +1,176 @@
+"""Sparse backward: rewrite ORT's generated training graph so a scatter-path weight's
+gradient is computed only where it is trainable.
+
+ORT differentiates y = x @ W' (W' = W with the delta scattered in) like any MatMul: the
+dense weight gradient x^T @ dy, one GEMM as large as the forward, of which the update then
+reads `rows * k` entries. For each such layer this pass
+
+1. replaces that GEMM with x[..., U]^T @ dy, where U is the set of input columns the layer's
+   selection uses (MiniLM: 16-129 of 384/1536), gathered once in the forward pass;
+2. rebuilds W' in the backward pass just before the GEMM that computes dx, so that the
+   forward's copy of W' is freed after the forward op instead of living until backward.
+   The rebuilt copy is tied to dy through a no-op Reshape, so ORT cannot schedule it early.
+
+Both are exact: the same products are summed, only over fewer columns. A layer whose graph
+does not show the expected pattern keeps ORT's dense gradient (`backward: dense`).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from taskedge.runtime.bundle import LayerAllocation
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto):
+        self.model, self.g = model, model.graph
+        self.producer = {o: n for n in self.g.node for o in n.output}
+        self.consumers: Dict[str, List[onnx.NodeProto]] = {}
+        for n in self.g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.before: Dict[int, List[onnx.NodeProto]] = {}
+        self.after: Dict[int, List[onnx.NodeProto]] = {}
+        self.removed: set = set()
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.g.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    def commit(self) -> None:
+        """Splice the new nodes in, drop dead ones, keep a valid topological order."""
+        nodes = []
+        for n in self.g.node:
+            nodes += self.before.get(id(n), [])
+            if id(n) not in self.removed:
+                nodes.append(n)
+            nodes += self.after.get(id(n), [])
+        outputs = {o.name for o in self.g.output}
+        while True:
+            used = {i for n in nodes for i in n.input} | outputs
+            live = [n for n in nodes if any(o in used for o in n.output)]
+            if len(live) == len(nodes):
+                break
+            nodes = live
+        known = {i.name for i in self.g.input} | {t.name for t in self.g.initializer} | {""}
+        order, pending = [], nodes
+        while pending:
+            rest = []
+            for n in pending:
+                if all(i in known for i in n.input):
+                    order.append(n)
+                    known.update(n.output)
+                else:
+                    rest.append(n)
+            if len(rest) == len(pending):
+                raise RuntimeError(f"sparse backward: cannot order {[n.name for n in rest[:3]]}")
+            pending = rest
+        used = {i for n in order for i in n.input}
+        keep = [t for t in self.g.initializer if t.name in used]
+        del self.g.node[:]
+        self.g.node.extend(order)
+        del self.g.initializer[:]
+        self.g.initializer.extend(keep)
+
+
+def _layout(layer: LayerAllocation, fwd: onnx.NodeProto) -> Optional[Tuple[int, float]]:
+    """(axis of W' that the scatter indexes, alpha) for the layouts handled, else None."""
+    if layer.op == "MatMul":
+        return 0, 1.0                                           # W [cols, rows], idx [k, rows]
+    if layer.op == "Gemm" and not _attr(fwd, "transA", 0):
+        return (1 if _attr(fwd, "transB", 0) else 0), float(_attr(fwd, "alpha", 1.0))
+    return None
+
+
+def _rewrite_layer(G: _Graph, layer: LayerAllocation, idx_rows: np.ndarray) -> bool:
+    w = layer.weight
+    wp = f"{w}.taskedge_w_scattered"                           # names from rewrite._scatter_path
+    upd_grad = f"{w}.taskedge_w_updated_grad"
+    scatter = G.producer.get(wp)
+    fwd = next((n for n in G.consumers.get(wp, []) if n.op_type in ("MatMul", "Gemm") and n.input[1] == wp), None)
+    dense = G.producer.get(wp + "_grad")
+    pick = G.producer.get(upd_grad)
+    if not (scatter and fwd and dense and pick) or pick.op_type != "GatherElements" or pick.input[0] != wp + "_grad":
+        return False
+    layout = _layout(layer, fwd)
+    dy = fwd.output[0] + "_grad"
+    if layout is None or dy not in G.producer or len(G.consumers.get(wp + "_grad", [])) != 1:
+        return False
+    axis, alpha = layout
+    x = fwd.input[0]
+    p = f"{w}.taskedge_sb"
+    idx = idx_rows.astype(np.int64)                            # [rows, k]
+    cols_used, pos = np.unique(idx, return_inverse=True)
+    pos = pos.reshape(idx.shape)
+    # forward: keep only the used columns of x
+    xu = p + "_x_used"
+    G.after.setdefault(id(fwd), []).append(
+        helper.make_node("Gather", [x, G.const(p + "_cols", cols_used)], [xu], name=xu, axis=-1))
+    # backward: the gradient at the used columns only, then the selected entries
+    xu2 = p + "_x_used_2d"
+    dy2 = p + "_dy_2d"
+    g = p + "_grad_used"
+    nodes = [helper.make_node("Reshape", [xu, G.const(p + "_s_x", np.array([-1, len(cols_used)], np.int64))],
+                              [xu2], name=xu2),
+             helper.make_node("Reshape", [dy, G.const(p + "_s_dy", np.array([-1, layer.rows], np.int64))],
+                              [dy2], name=dy2)]
+    if axis == 0:   # W' [cols, rows]: grad [u, rows], entries at (pos[o, j], o)
+        nodes.append(helper.make_node("Gemm", [xu2, dy2], [g], name=g, transA=1, alpha=alpha))
+        gather_idx = np.ascontiguousarray(pos.T)               # [k, rows], as the forward scatter
+    else:           # W' [rows, cols]: grad [rows, u], entries at (o, pos[o, j])
+        nodes.append(helper.make_node("Gemm", [dy2, xu2], [g], name=g, transA=1, alpha=alpha))
+        gather_idx = pos                                       # [rows, k]
+    nodes.append(helper.make_node("GatherElements", [g, G.const(p + "_pos", gather_idx)], [upd_grad],
+                                  name=p + "_pick", axis=axis))
+    G.before.setdefault(id(pick), []).extend(nodes)
+    G.removed.update({id(pick), id(dense)})
+    # backward: rebuild W' where dx needs it, ordered after dy exists
+    later = [n for n in G.consumers.get(wp, []) if n is not fwd and n is not dense]
+    if later:
+        upd = scatter.input[2]
+        shape = p + "_upd_shape"
+        tied = p + "_upd_after_dy"
+        rebuilt = wp + "_bwd"
+        empty = p + "_no_dims"
+        nodes = [helper.make_node("Shape", [dy], [p + "_dy_shape"], name=p + "_dy_shape"),
+                 helper.make_node("Slice", [p + "_dy_shape", G.const(p + "_zero", np.array([0], np.int64)),
+                                            p + "_zero"], [empty], name=empty),
+                 helper.make_node("Shape", [upd], [p + "_upd_dims"], name=p + "_upd_dims"),
+                 helper.make_node("Concat", [p + "_upd_dims", empty], [shape], name=shape, axis=0),
+                 helper.make_node("Reshape", [upd, shape], [tied], name=tied),
+                 helper.make_node("ScatterElements", [scatter.input[0], scatter.input[1], tied], [rebuilt],
+                                  name=rebuilt, axis=_attr(scatter, "axis", 0))]
+        first = later[0]
+        G.before.setdefault(id(first), []).extend(nodes)
+        for n in later:
+            for i, name in enumerate(n.input):
+                if name == wp:
+                    n.input[i] = rebuilt
+    return True
+
+
+def sparsify_backward(model: onnx.ModelProto, table: List[LayerAllocation],
+                      indices: Dict[str, np.ndarray]) -> int:
+    """Rewrite the training graph in place; marks each rewritten layer `backward="sparse"`.
+    Returns how many layers were rewritten."""
+    G = _Graph(model)
+    done = 0
+    for layer in table:
+        if layer.formulation == "scatter" and layer.op in ("MatMul", "Gemm") and _rewrite_layer(
+                G, layer, indices[layer.weight]):
+            layer.backward = "sparse"
+            done += 1
+    if done:
+        G.commit()
+    return done
