@@ -113,10 +113,12 @@ def _rewrite_layer(G: _Graph, layer: LayerAllocation, idx_rows: np.ndarray) -> b
     idx = idx_rows.astype(np.int64)                            # [rows, k]
     cols_used, pos = np.unique(idx, return_inverse=True)
     pos = pos.reshape(idx.shape)
-    # forward: keep only the used columns of x
-    xu = p + "_x_used"
-    G.after.setdefault(id(fwd), []).append(
-        helper.make_node("Gather", [x, G.const(p + "_cols", cols_used)], [xu], name=xu, axis=-1))
+    if 2 * len(cols_used) > layer.cols:          # most columns used (large budgets): gathering costs more
+        xu, cols_used, pos = x, np.arange(layer.cols), idx
+    else:                                        # forward: keep only the used columns of x
+        xu = p + "_x_used"
+        G.after.setdefault(id(fwd), []).append(
+            helper.make_node("Gather", [x, G.const(p + "_cols", cols_used)], [xu], name=xu, axis=-1))
     # backward: the gradient at the used columns only, then the selected entries
     xu2 = p + "_x_used_2d"
     dy2 = p + "_dy_2d"

@@ -22,12 +22,12 @@ HEAD_WEIGHT = "taskedge_head.weight"
 HEAD_BIAS = "taskedge_head.bias"
 LOGITS = "logits"
 
-# Chosen by measurement (`python -m taskedge.tools.formulations`, README "Update formulations"):
-# ORT's GatherGrad on the last axis is slow on CPU, so gather-based paths lose on 3-D
-# transformer activations (MiniLM, batch 16: gather 865 ms, gather_elements 489 ms,
-# scatter 394 ms per step); on 2-D Gemm inputs gather_elements wins (MLP 8x1024, batch 64:
-# 82 ms vs 104 ms for scatter). Conv weights are small; scatter keeps the Conv a single op.
-DEFAULT_FORMULATION = {"MatMul": "scatter", "Gemm": "gather_elements", "Conv": "scatter"}
+# Chosen by measurement (`python -m taskedge.tools.formulations`, README "Update formulations").
+# With the sparse backward (export/backward.py) scatter costs one copy of W per step and a
+# weight gradient over the used columns only; the gather paths pay ORT's slow CPU GatherGrad.
+# MiniLM, batch 16: scatter 291 ms vs 365 ms with the dense backward; MLP 8x1024, batch 64:
+# scatter 61 ms, gather_elements 67, gather 85, gather_rows 87.
+DEFAULT_FORMULATION = {"MatMul": "scatter", "Gemm": "scatter", "Conv": "scatter"}
 FORMULATIONS = ("gather", "gather_rows", "gather_elements", "scatter")
 
 

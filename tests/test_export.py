@@ -240,8 +240,8 @@ def _mixed_model(path, rng):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
 
 
-@pytest.mark.parametrize("lora_rank", [None, 2])
-def test_sparse_backward_is_exact(tmp_path, lora_rank):
+@pytest.mark.parametrize("lora_rank,budget", [(None, 0.3), (2, 0.3), (None, 0.14)])
+def test_sparse_backward_is_exact(tmp_path, lora_rank, budget):
     """The rewritten training graph (export/backward.py) trains exactly like ORT's dense gradient."""
     rng = np.random.default_rng(0)
     _mixed_model(tmp_path / "m.onnx", rng)
@@ -252,10 +252,13 @@ def test_sparse_backward_is_exact(tmp_path, lora_rank):
     for sparse in (True, False):
         out = tmp_path / f"b{sparse}"
         m = export_bundle(ExportConfig(model=str(tmp_path / "m.onnx"), out=str(out), calib=str(tmp_path / "c.npz"),
-                                       budget=0.3, num_classes=3, lora_rank=lora_rank, sparse_backward=sparse,
+                                       budget=budget, num_classes=3, lora_rank=lora_rank, sparse_backward=sparse,
                                        formulation={"MatMul": "scatter", "Gemm": "scatter"}), log=lambda s: None)
         assert {l.backward for l in m.layers} == {"sparse" if sparse else "dense"}
-        assert max(l.k for l in m.layers) > 1
+        assert max(l.k for l in m.layers) == (1 if budget < 0.2 else 2)
+        if sparse:   # k=1 gathers the few used columns; larger k uses x itself (export/backward.py)
+            nodes = {n.name for n in onnx.load(str(out / B.TRAINING_MODEL)).graph.node}
+            assert any(n.endswith("taskedge_sb_x_used") for n in nodes) == (budget < 0.2)
         ck = Checkpoint(out / B.CHECKPOINT)
         tr = Trainer(out / B.TRAINING_MODEL, out / B.EVAL_MODEL, out / B.OPTIMIZER_MODEL, ck)
         init = np.random.default_rng(1)
