@@ -9,7 +9,7 @@ reads `rows * k` entries. For each such layer this pass
    selection uses (MiniLM: 16-129 of 384/1536), gathered once in the forward pass;
 2. rebuilds W' in the backward pass just before the GEMM that computes dx, so that the
    forward's copy of W' is freed after the forward op instead of living until backward.
-   The rebuilt copy is tied to dy through a no-op Reshape, so ORT cannot schedule it early.
+   The rebuilt copy is tied to dy (rewrite.tie_after), so ORT cannot schedule it early.
 
 Both are exact: the same products are summed, only over fewer columns. A layer whose graph
 does not show the expected pattern keeps ORT's dense gradient (`backward: dense`).
@@ -23,6 +23,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from taskedge.runtime.bundle import LayerAllocation
+
+from .rewrite import tie_after
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -96,12 +98,14 @@ def _layout(layer: LayerAllocation, fwd: onnx.NodeProto) -> Optional[Tuple[int, 
 def _rewrite_layer(G: _Graph, layer: LayerAllocation, idx_rows: np.ndarray) -> bool:
     w = layer.weight
     wp = f"{w}.taskedge_w_scattered"                           # names from rewrite._scatter_path
-    upd_grad = f"{w}.taskedge_w_updated_grad"
     scatter = G.producer.get(wp)
+    if scatter is None or scatter.op_type != "ScatterElements":
+        return False
+    upd_grad = scatter.input[2] + "_grad"                      # ORT's name for the updates' gradient
     fwd = next((n for n in G.consumers.get(wp, []) if n.op_type in ("MatMul", "Gemm") and n.input[1] == wp), None)
     dense = G.producer.get(wp + "_grad")
     pick = G.producer.get(upd_grad)
-    if not (scatter and fwd and dense and pick) or pick.op_type != "GatherElements" or pick.input[0] != wp + "_grad":
+    if not (fwd and dense and pick) or pick.op_type != "GatherElements" or pick.input[0] != wp + "_grad":
         return False
     layout = _layout(layer, fwd)
     dy = fwd.output[0] + "_grad"
@@ -140,19 +144,10 @@ def _rewrite_layer(G: _Graph, layer: LayerAllocation, idx_rows: np.ndarray) -> b
     # backward: rebuild W' where dx needs it, ordered after dy exists
     later = [n for n in G.consumers.get(wp, []) if n is not fwd and n is not dense]
     if later:
-        upd = scatter.input[2]
-        shape = p + "_upd_shape"
-        tied = p + "_upd_after_dy"
         rebuilt = wp + "_bwd"
-        empty = p + "_no_dims"
-        nodes = [helper.make_node("Shape", [dy], [p + "_dy_shape"], name=p + "_dy_shape"),
-                 helper.make_node("Slice", [p + "_dy_shape", G.const(p + "_zero", np.array([0], np.int64)),
-                                            p + "_zero"], [empty], name=empty),
-                 helper.make_node("Shape", [upd], [p + "_upd_dims"], name=p + "_upd_dims"),
-                 helper.make_node("Concat", [p + "_upd_dims", empty], [shape], name=shape, axis=0),
-                 helper.make_node("Reshape", [upd, shape], [tied], name=tied),
-                 helper.make_node("ScatterElements", [scatter.input[0], scatter.input[1], tied], [rebuilt],
-                                  name=rebuilt, axis=_attr(scatter, "axis", 0))]
+        nodes, tied = tie_after(scatter.input[2], dy, p + "_upd_after_dy", G.const(p + "_zero", np.array([0], np.int64)))
+        nodes.append(helper.make_node("ScatterElements", [scatter.input[0], scatter.input[1], tied], [rebuilt],
+                                      name=rebuilt, axis=_attr(scatter, "axis", 0)))
         first = later[0]
         G.before.setdefault(id(first), []).extend(nodes)
         for n in later:

@@ -147,6 +147,19 @@ def _gather_elements_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta
     return b.node("Add", [y, shaped], "out")
 
 
+def tie_after(tensor: str, after: str, prefix: str, zero: str) -> Tuple[List[onnx.NodeProto], str]:
+    """A no-op Reshape of `tensor` that reads `after`'s shape, so ORT cannot run what consumes
+    it before `after` exists. `zero` names an int64 [0] initializer. Used to build each W'
+    just before its layer runs instead of all of them at the start of the step."""
+    n = lambda op, ins, suffix, **kw: helper.make_node(op, ins, [f"{prefix}_{suffix}"], name=f"{prefix}_{suffix}", **kw)
+    nodes = [n("Shape", [after], "after_dims"),
+             n("Slice", [f"{prefix}_after_dims", zero, zero], "no_dims"),
+             n("Shape", [tensor], "dims"),
+             n("Concat", [f"{prefix}_dims", f"{prefix}_no_dims"], "same_dims", axis=0),
+             n("Reshape", [tensor, f"{prefix}_same_dims"], "tied")]
+    return nodes, f"{prefix}_tied"
+
+
 def _scatter_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str) -> str:
     """W' = W with delta added at the selected entries; returns the name of W'."""
     w = op.weight
@@ -161,7 +174,9 @@ def _scatter_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str) -
         upd = b.node("Transpose", [delta], "delta_t", perm=[1, 0])
     old = b.node("GatherElements", [w2, idx], "w_selected", axis=axis)
     new = b.node("Add", [old, upd], "w_updated")
-    w3 = b.node("ScatterElements", [w2, idx, new], "w_scattered", axis=axis)
+    tie, new_tied = tie_after(new, op.activation, b.name("w_updated_after_x"), b.init("zero", np.array([0], np.int64)))
+    b.nodes += tie
+    w3 = b.node("ScatterElements", [w2, idx, new_tied], "w_scattered", axis=axis)
     if op.op == "Conv":
         w3 = b.node("Reshape", [w3, b.init("w_shape", np.array(op.shape, dtype=np.int64))], "w_new")
     return w3
