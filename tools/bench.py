@@ -121,7 +121,7 @@ def worker_ort(name: str, spec: dict, v: dict) -> dict:
     import taskedge.runtime  # noqa: F401  (imports onnxruntime with the torch probe blocked)
     from onnxruntime.capi import _pybind_state as C
     from taskedge.runtime import bundle as B
-    from taskedge.runtime.ort_train import Checkpoint, Trainer, _device
+    from taskedge.runtime.ort_train import Checkpoint, Trainer, _device, _session_options
     from taskedge.runtime.telemetry import MemorySampler
 
     sampler = MemorySampler(interval_ms=5).start()
@@ -131,17 +131,15 @@ def worker_ort(name: str, spec: dict, v: dict) -> dict:
     ck = Checkpoint(folder / B.CHECKPOINT)
     prof_steps = int(spec.get("profile_steps") or 0)
     if prof_steps:   # the runtime's Trainer, but its training session has ORT's profiler on
-        so = C.SessionOptions()
-        so.intra_op_num_threads = spec["threads"]
+        so = _session_options(spec["threads"])
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(spec["workdir"]) / f"profile-{name.replace('%', 'pct')}")
         trainer = Trainer.__new__(Trainer)
         trainer.checkpoint = ck
         trainer.module = C.Module(str(folder / B.TRAINING_MODEL), ck.state, str(folder / B.EVAL_MODEL),
                                   _device("cpu"), so)
-        so2 = C.SessionOptions()
-        so2.intra_op_num_threads = spec["threads"]
-        trainer.optimizer = C.Optimizer(str(folder / B.OPTIMIZER_MODEL), ck.state, _device("cpu"), so2)
+        trainer.optimizer = C.Optimizer(str(folder / B.OPTIMIZER_MODEL), ck.state, _device("cpu"),
+                                        _session_options(spec["threads"]))
     else:
         trainer = Trainer(folder / B.TRAINING_MODEL, folder / B.EVAL_MODEL, folder / B.OPTIMIZER_MODEL, ck,
                           threads=spec["threads"])
