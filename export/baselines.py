@@ -9,6 +9,10 @@ bundle, trained through ONNX Runtime's training API in the usual dense ways.
   initializer; for CNNs also every Conv with groups == 1 - depthwise convs get no LoRA), the graph
   rewrite `y += ((x @ A) @ B) * (alpha / r)`, A [in, r] kaiming-uniform (bound 1/sqrt(in), as
   peft), B [r, out] zeros. Only the A/B factors and the head are trainable.
+- Floor (`build_floor`): a zero bias added to the input of the first adapted layer, trainable
+  with the head. Its gradient needs dx through every layer but no weight gradient anywhere:
+  ORT's own cost of forward + backward-to-inputs, the floor any method that adapts the lowest
+  layer pays on this runtime.
 
 The artifacts folder has the bundle's file names (training/eval/optimizer model, checkpoint,
 base_model.onnx with the head) plus `baseline.json` describing the trainable tensors, so the
@@ -184,6 +188,39 @@ def build_lora(model: onnx.ModelProto, num_classes: int, out, rank: int = 8, alp
                   {"method": "lora", "rank": rank, "alpha": alpha, "num_weights": num_weights,
                    "head_lr_scale": head_lr_scale, "head": head, "layers": table,
                    "update_params": int(sum(r["trainable"] for r in table))})
+
+
+def build_floor(model: onnx.ModelProto, num_classes: int, out, seed: int = 0) -> dict:
+    """ORT artifacts whose only trainables are the head and a zero bias on the first adapted
+    layer's input (see the module docstring)."""
+    m = copy.deepcopy(model)
+    head = add_head(m, num_classes, seed)
+    num_weights = count_weights(m, exclude=set(head["params"]))
+    base = copy.deepcopy(m)
+    ops = [op for op in find_weight_ops(m) if op.weight not in set(head["params"])]
+    if not ops:
+        raise ValueError("no weight op to put the floor probe under")
+    op, x = ops[0], ops[0].activation
+    if op.op == "Conv":                      # NCHW: one bias per input channel
+        bias = np.zeros((int(op.shape[1]) * op.groups, 1, 1), np.float32)
+    elif op.op == "Gemm" and op.trans_a:     # x is [cols, batch]
+        bias = np.zeros((op.cols, 1), np.float32)
+    else:                                    # x is [..., cols]
+        bias = np.zeros(op.cols, np.float32)
+    name = "taskedge_floor.bias"
+    m.graph.initializer.append(numpy_helper.from_array(bias, name))
+    for node in m.graph.node:
+        for i, t in enumerate(node.input):
+            if t == x:
+                node.input[i] = name + ".out"
+    probe = helper.make_node("Add", [x, name], [name + ".out"], name=name)
+    nodes = list(m.graph.node)
+    at = next(i for i, n in enumerate(nodes) if name + ".out" in n.input)
+    nodes.insert(at, probe)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return _write(m, base, [name] + sorted(head["params"]), Path(out),
+                  {"method": "floor", "num_weights": num_weights, "head": head, "probe_input": x})
 
 
 def head_arrays(model: onnx.ModelProto, num_classes: int, seed: int = 0) -> Dict[str, np.ndarray]:

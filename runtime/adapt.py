@@ -339,8 +339,30 @@ class Session:
                  + f": rolled back to {path.name} (step {self.step}), learning rate x{self.lr_scale:g}")
         return True
 
+    # flags that shape the run's data and schedule: --resume must see the same ones
+    RESUME_FLAGS = {"data": "--data", "eval_data": "--eval-data", "records": "the record count of --data",
+                    "steps": "--steps", "epochs": "--epochs", "lr": "--lr", "schedule": "--schedule",
+                    "warmup": "--warmup", "seed": "--seed", "batch_size": "--batch-size", "skip_bad": "--skip-bad"}
+
+    def run_flags(self) -> dict:
+        o = self.opts
+        return {"data": str(Path(o.data).resolve()), "eval_data": str(Path(o.eval_data).resolve()) if o.eval_data else None,
+                "records": len(self.full_train), "steps": o.steps, "epochs": o.epochs,
+                "lr": o.lr, "schedule": o.schedule, "warmup": o.warmup, "seed": o.seed,
+                "batch_size": o.batch_size, "skip_bad": o.skip_bad}
+
+    def _check_resume_flags(self, saved: Optional[dict]) -> None:
+        if not saved:                       # checkpoints written before the flags were recorded
+            return
+        now = self.run_flags()
+        diff = [f"{self.RESUME_FLAGS[k]}: {saved[k]!r} then, {now[k]!r} now" for k in now
+                if k in saved and saved[k] != now[k]]
+        if diff:
+            raise UserError("--resume with different settings than the interrupted run (" + "; ".join(diff) +
+                            "): pass the same flags to continue it, or --fresh to start over")
+
     def snapshot(self) -> dict:
-        return {"step": self.step, "plan": {**self.plan, "micro_batch": self.micro}, "lr_scale": self.lr_scale,
+        return {"flags": self.run_flags(), "step": self.step, "plan": {**self.plan, "micro_batch": self.micro}, "lr_scale": self.lr_scale,
                 "energy_j": self.energy_prev + self.meter.energy_j,
                 "seconds": self.seconds_prev + time.monotonic() - self.t0, "losses": self.losses,
                 "evals": self.evals, "accuracy_before": self.acc_before, "stepdowns": self.stepdowns,
@@ -367,6 +389,7 @@ class Session:
         self._halve_requested = False
         self._positions = np.arange(len(self.full_train))
         self._open(self._start_point())
+        self._check_resume_flags(self.state.get("flags"))
         self.sampler = MemorySampler(interval_ms=5).start()
         self.meter = make_power_meter(self.profile).start()
         effective = max(1, min(opts.batch_size, len(self.train_ds)))

@@ -41,6 +41,7 @@ class Checkpoint:
 
     def __init__(self, path):
         self.state = C.load_checkpoint(os.fspath(path))
+        self.bound = False      # set by Trainer: ORT 1.19 segfaults on copy_parameter_from before that
 
     def names(self) -> List[str]:
         return list(self.state.parameter_names())
@@ -52,6 +53,9 @@ class Checkpoint:
         return bool(self.state.get_parameter(name).requires_grad)
 
     def set(self, name: str, value: np.ndarray) -> None:
+        if not self.bound:
+            raise RuntimeError("Checkpoint.set before a Trainer exists on this checkpoint (ORT would crash): "
+                               "create the Trainer first")
         self.state.copy_parameter_from(name, OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))._ortvalue)
 
     def property(self, name: str, default=None):
@@ -73,6 +77,7 @@ class Trainer:
                  device: str = "cpu", threads: int = 0):
         dev = _device(device)
         self.checkpoint = checkpoint
+        checkpoint.bound = True
         self.module = C.Module(os.fspath(training_model), checkpoint.state, os.fspath(eval_model), dev,
                                _session_options(threads))
         self.optimizer = C.Optimizer(os.fspath(optimizer_model), checkpoint.state, dev, _session_options(threads))

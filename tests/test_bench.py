@@ -49,6 +49,31 @@ def test_lora_rewrite_is_exact_at_init(tmp_path):
     del base
 
 
+def test_floor_probe_reaches_the_first_layer(tmp_path):
+    """ort-floor: logits unchanged at init, and the probe bias under the first layer gets a gradient."""
+    import onnx
+    import torch
+    from taskedge.export import baselines as BL
+    from taskedge.runtime import bundle as B
+    from taskedge.runtime.ort_train import Checkpoint, Trainer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 6))
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(net, (torch.randn(2, 8),), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17)
+    info = BL.build_floor(onnx.load(str(path)), 3, tmp_path / "floor")
+    assert info["trainable"][0] == "taskedge_floor.bias" and info["trainable_params"] == 8 + 16 * 3 + 3
+    out = tmp_path / "floor"
+    ck = Checkpoint(out / B.CHECKPOINT)
+    tr = Trainer(out / B.TRAINING_MODEL, out / B.EVAL_MODEL, out / B.OPTIMIZER_MODEL, ck)
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    tr.train_step([x, np.array([0, 1, 2, 0])])
+    tr.optimizer_step()
+    assert np.abs(ck.get("taskedge_floor.bias")).sum() > 0
+
+
 def test_bench_tiny_all_variants(tmp_path):
     from taskedge.tools import bench
 

@@ -133,3 +133,32 @@ def test_bad_data_is_named(tmp_path, mlp_bundle):
     np.savez(tmp_path / "bad.npz", x=np.zeros((8, 16), np.float32), labels=np.full(8, 7))
     r = run_cli("adapt", mlp_bundle, "--data", tmp_path / "bad.npz", "--run-dir", tmp_path / "r")
     assert r.returncode == 2 and "bad.npz" in r.stderr and "label 7" in r.stderr
+
+
+def test_checkpoint_set_before_trainer_is_refused_not_a_crash(mlp_bundle):
+    from taskedge.runtime.ort_train import Checkpoint, Trainer
+    from pathlib import Path
+    folder = Path(mlp_bundle)
+    ck = Checkpoint(folder / B.CHECKPOINT)
+    name = B.load_bundle(folder).trainable_names[0]
+    with pytest.raises(RuntimeError, match="create the Trainer first"):
+        ck.set(name, ck.get(name))
+    trainer = Trainer(folder / B.TRAINING_MODEL, folder / B.EVAL_MODEL, folder / B.OPTIMIZER_MODEL, ck)
+    before = ck.get(name)
+    ck.set(name, before + 1)
+    np.testing.assert_allclose(ck.get(name), before + 1)
+    del trainer
+
+
+def test_resume_refuses_changed_flags(tmp_path, mlp_bundle, mlp_data):
+    data = mlp_data / "train.npz"
+    part = _adapt(mlp_bundle, data, tmp_path / "r", "--steps", "40", "--energy-budget-j", "0.03")
+    assert part["stop_reason"] == "energy_budget"
+    r = run_cli("adapt", mlp_bundle, "--data", data, "--run-dir", tmp_path / "r", "--quiet", "--lr", "0.01",
+                "--steps", "60", "--resume")
+    assert r.returncode == 2 and "--steps: 40 then, 60 now" in r.stderr and "--fresh" in r.stderr, r.stderr
+    r = run_cli("adapt", mlp_bundle, "--data", mlp_data / "test.npz", "--run-dir", tmp_path / "r", "--quiet",
+                "--lr", "0.01", "--steps", "40", "--resume")
+    assert r.returncode == 2 and "--data:" in r.stderr, r.stderr
+    rest = _adapt(mlp_bundle, data, tmp_path / "r", "--steps", "40", "--resume")   # same flags: continues
+    assert rest["steps"] == 40

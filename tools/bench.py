@@ -10,6 +10,9 @@ Variants
   infer               plain onnxruntime forward pass of the base model (the floor)
   ort-full            ORT training, full fine-tuning (every float initializer + head)
   ort-lora8           ORT training, LoRA r=8 (alpha 16) on every MatMul/Gemm weight op + head
+  ort-floor           ORT training with no weight gradient: a zero bias under the first adapted
+                      layer + head; forward + backward-to-inputs, ORT's floor for any method
+                      that adapts every layer
   taskedge-0.1%       TaskEdge bundle + runtime Trainer, budget 0.1 %        (the primary variant)
   taskedge-1%         budget 1 %
   taskedge-0.1%-2:4   budget 0.1 %, --nm 2:4
@@ -56,6 +59,7 @@ VARIANTS = {
     "infer": ("infer", "infer", {}),
     "ort-full": ("ort", "full", {}),
     "ort-lora8": ("ort", "lora", {"rank": 8, "alpha": 16.0}),
+    "ort-floor": ("ort", "floor", {}),
     "taskedge-0.1%": ("ort", "taskedge", {"budget": 0.001}),
     "taskedge-1%": ("ort", "taskedge", {"budget": 0.01}),
     "taskedge-0.1%-2:4": ("ort", "taskedge", {"budget": 0.001, "nm": "2:4"}),
@@ -136,6 +140,7 @@ def worker_ort(name: str, spec: dict, v: dict) -> dict:
         so.profile_file_prefix = str(Path(spec["workdir"]) / f"profile-{name.replace('%', 'pct')}")
         trainer = Trainer.__new__(Trainer)
         trainer.checkpoint = ck
+        ck.bound = True
         trainer.module = C.Module(str(folder / B.TRAINING_MODEL), ck.state, str(folder / B.EVAL_MODEL),
                                   _device("cpu"), so)
         trainer.optimizer = C.Optimizer(str(folder / B.OPTIMIZER_MODEL), ck.state, _device("cpu"),
@@ -452,6 +457,9 @@ def prepare(model: str, cfg: dict, work: Path, seed: int, variants: list, log) -
                               head_lr_scale=LR["head"] / LR["lora"])
             entry.update(artifacts=str(folder), lr=LR["lora"], head_lr_scale=i["head_lr_scale"],
                          lora_layers=len(i["layers"]), num_weights=i["num_weights"])
+        elif engine == "ort" and fam == "floor":
+            i = BL.build_floor(base, m["classes"], folder, seed)
+            entry.update(artifacts=str(folder), lr=LR["head"], num_weights=i["num_weights"])
         elif engine == "infer":
             folder.mkdir(parents=True, exist_ok=True)
             mm = onnx.load(str(work / "base.onnx"))
