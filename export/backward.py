@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 
 from taskedge.runtime.bundle import LayerAllocation
 
-from .rewrite import tie_after
+from .rewrite import FORWARD_TIE, tie_after
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -123,6 +123,11 @@ def _rewrite_layer(G: _Graph, layer: LayerAllocation, idx_rows: np.ndarray) -> b
         xu = p + "_x_used"
         G.after.setdefault(id(fwd), []).append(
             helper.make_node("Gather", [x, G.const(p + "_cols", cols_used)], [xu], name=xu, axis=-1))
+        # W' waits for x[..., U] (not just x): ORT then gathers before the forward op, and x is
+        # freed after it instead of living until backward (MiniLM: 27 MB of GELU outputs)
+        tie = G.producer.get(f"{w}.taskedge_{FORWARD_TIE}_after_dims")
+        if tie is not None and tie.input[0] == x:
+            tie.input[0] = xu
     # backward: the gradient at the used columns only, then the selected entries
     xu2 = p + "_x_used_2d"
     dy2 = p + "_dy_2d"
@@ -145,7 +150,7 @@ def _rewrite_layer(G: _Graph, layer: LayerAllocation, idx_rows: np.ndarray) -> b
     later = [n for n in G.consumers.get(wp, []) if n is not fwd and n is not dense]
     if later:
         rebuilt = wp + "_bwd"
-        nodes, tied = tie_after(scatter.input[2], dy, p + "_upd_after_dy", G.const(p + "_zero", np.array([0], np.int64)))
+        nodes, tied = tie_after(scatter.input[2], upd_grad, p + "_upd_after_grad", G.const(p + "_zero", np.array([0], np.int64)))
         nodes.append(helper.make_node("ScatterElements", [scatter.input[0], scatter.input[1], tied], [rebuilt],
                                       name=rebuilt, axis=_attr(scatter, "axis", 0)))
         first = later[0]

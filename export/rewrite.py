@@ -147,6 +147,9 @@ def _gather_elements_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta
     return b.node("Add", [y, shaped], "out")
 
 
+FORWARD_TIE = "w_updated_after_x"     # W' is built once the layer's input exists (backward.py moves it to x[..., U])
+
+
 def tie_after(tensor: str, after: str, prefix: str, zero: str) -> Tuple[List[onnx.NodeProto], str]:
     """A no-op Reshape of `tensor` that reads `after`'s shape, so ORT cannot run what consumes
     it before `after` exists. `zero` names an int64 [0] initializer. Used to build each W'
@@ -174,7 +177,7 @@ def _scatter_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str) -
         upd = b.node("Transpose", [delta], "delta_t", perm=[1, 0])
     old = b.node("GatherElements", [w2, idx], "w_selected", axis=axis)
     new = b.node("Add", [old, upd], "w_updated")
-    tie, new_tied = tie_after(new, op.activation, b.name("w_updated_after_x"), b.init("zero", np.array([0], np.int64)))
+    tie, new_tied = tie_after(new, op.activation, b.name(FORWARD_TIE), b.init("zero", np.array([0], np.int64)))
     b.nodes += tie
     w3 = b.node("ScatterElements", [w2, idx, new_tied], "w_scattered", axis=axis)
     if op.op == "Conv":
