@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-FORMS = ["gather", "gather_rows", "gather_elements", "scatter"]
+# (label, formulation, sparse backward); "scatter-dense" is scatter with ORT's own weight gradient
+FORMS = [("gather", "gather", True), ("gather_rows", "gather_rows", True),
+         ("gather_elements", "gather_elements", True), ("scatter-dense", "scatter", False),
+         ("scatter", "scatter", True)]
 
 
 def _mlp(tmp: Path, batch: int):
@@ -53,16 +56,16 @@ def measure(model: str, batch: int, steps: int) -> list:
         tmp = Path(t)
         src, arrays, ops, budget = {"mlp": _mlp, "minilm": _minilm}[model](tmp, batch)
         trainers = {}
-        for form in FORMS:
-            out = tmp / form
+        for label, form, sparse in FORMS:
+            out = tmp / label
             export_bundle(ExportConfig(model=src, out=str(out), calib=str(tmp / "d.npz"), budget=budget,
-                                       num_classes=2 if model == "minilm" else 10,
+                                       num_classes=2 if model == "minilm" else 10, sparse_backward=sparse,
                                        formulation={op: form for op in ops}), log=lambda m: None)
             ck = Checkpoint(out / B.CHECKPOINT)
-            trainers[form] = Trainer(out / B.TRAINING_MODEL, out / B.EVAL_MODEL, out / B.OPTIMIZER_MODEL, ck)
+            trainers[label] = Trainer(out / B.TRAINING_MODEL, out / B.EVAL_MODEL, out / B.OPTIMIZER_MODEL, ck)
         names = [n for n in arrays if n != "labels"]
         feed = [arrays[n][:batch] for n in names] + [np.zeros(batch, np.int64)]
-        times = {f: [] for f in FORMS}
+        times = {label: [] for label in trainers}
         for i in range(steps + 3):
             for form, tr in trainers.items():
                 t0 = time.perf_counter()
