@@ -391,7 +391,7 @@ class Session:
         self._open(self._start_point())
         self._check_resume_flags(self.state.get("flags"))
         self.sampler = MemorySampler(interval_ms=5).start()
-        self.meter = make_power_meter(self.profile).start()
+        self.meter = make_power_meter(self.profile, power_mode=opts.power_mode).start()
         effective = max(1, min(opts.batch_size, len(self.train_ds)))
         st = self.state
         self.plan = st.get("plan") or ({"micro_batch": opts.micro_batch, "effective_batch": effective,

@@ -200,12 +200,13 @@ class EstimatedMeter(PowerMeter):
         return self.idle_w + (self.max_w - self.idle_w) * min(1.0, max(0.0, share))
 
 
-def make_power_meter(profile, root: str = "/", clock=None) -> PowerMeter:
+def make_power_meter(profile, root: str = "/", clock=None, power_mode: Optional[str] = None) -> PowerMeter:
     """The best meter the profile allows on this machine.
 
     ina3221 if the profile says so and the sysfs channels exist, nvml if the profile says
     so and pynvml initialises, else EstimatedMeter with `.fallback_reason` saying why.
-    If the INA3221 is there but lacks the profile's rails, that is a wrong profile: raise."""
+    If the INA3221 is there but lacks the profile's rails, that is a wrong profile: raise.
+    A `power_mode` (nvpmodel name) caps the estimate's full-load power at that mode's budget."""
     if profile.sensor == "ina3221":
         try:
             return Ina3221Meter(profile.rails, profile.rails_glob, root=root, clock=clock)
@@ -218,8 +219,11 @@ def make_power_meter(profile, root: str = "/", clock=None) -> PowerMeter:
             reason = f"nvml unavailable: {type(e).__name__}: {e}"
     else:
         reason = f"profile {profile.name!r} has no power sensor"
-    m = EstimatedMeter(profile.idle_w, profile.max_w, profile.cpu_cores, clock=clock)
+    max_w = profile.max_w if power_mode is None else min(profile.max_w, profile.mode_watts(power_mode))
+    m = EstimatedMeter(min(profile.idle_w, max_w), max_w, profile.cpu_cores, clock=clock)
     m.fallback_reason = reason
+    if power_mode is not None:
+        m.source += f" capped at power mode {power_mode} ({max_w:g} W)"
     return m
 
 

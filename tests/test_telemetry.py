@@ -100,6 +100,14 @@ def test_no_sysfs_falls_back_to_estimate(tmp_path):
     assert "ina3221" in m.fallback_reason
 
 
+def test_power_mode_caps_the_estimate(tmp_path):
+    prof = load_profile("jetson-orin-nano-8gb")
+    free = make_power_meter(prof, root=str(tmp_path))
+    capped = make_power_meter(prof, root=str(tmp_path), power_mode="7W")
+    assert free.max_w == prof.max_w and capped.max_w == 7.0 and capped.idle_w <= 7.0
+    assert "7W" in capped.source and "7W" not in free.source
+
+
 # NVML is tested against a fake at the library-call level: a stand-in `pynvml` module in
 # sys.modules whose functions return scripted values (no NVIDIA driver needed, and pynvml
 # itself is not installed here).

@@ -162,7 +162,6 @@ def test_memory_budget_lowered_mid_run_and_sigusr1(mlp_bundle, mlp_data, tmp_pat
     assert p.returncode == 0, err
     rep = json.loads(out)
     downs = rep["memory"]["stepdowns"]
-    whys = [d["why"].split(":")[0].split(" MB")[0] for d in downs]
     record("memory: SIGUSR1, then budget 10 MB via control.json", "micro-batch halves each time, run finishes",
            f"micro 32 -> {' -> '.join(str(d['micro_batch']) for d in downs)}; stop={rep['stop_reason']}")
     assert downs[0]["why"] == "SIGUSR1 received" and downs[0]["micro_batch"] == 16
@@ -211,14 +210,14 @@ def test_disk_full_and_read_only(mlp_bundle, mlp_data, tmp_path, tiny_fs, record
     finally:
         os.close(fd)
     r = run(*adapt_args(mlp_bundle, data, run_dir, "--steps", "20", *DISK, "--resume"))
-    full_line = one_line_error(r, "ckpt-00000015", "No space left", "previous checkpoint")
+    one_line_error(r, "ckpt-00000015", "No space left", "previous checkpoint")
     after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name.startswith("ckpt-")}
     assert after == before and not temp_files(run_dir) and committed_checkpoints_load(run_dir) == [5, 10]
     # read-only
     (tiny_fs / "filler").unlink()
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
     r = run(*adapt_args(mlp_bundle, data, run_dir, "--steps", "20", *DISK, "--resume"))
-    ro_line = one_line_error(r, "ckpt-00000015", "Read-only file system")
+    one_line_error(r, "ckpt-00000015", "Read-only file system")
     assert committed_checkpoints_load(run_dir) == [5, 10]
     subprocess.run(["mount", "-o", "remount,rw", str(tiny_fs)], check=True)
     rep, _ = adapt_ok(mlp_bundle, data, run_dir, "--steps", "20", *DISK, "--resume")
