@@ -79,7 +79,7 @@ def test_bench_tiny_all_variants(tmp_path):
 
     r = bench.run_bench("text", quick=True, steps=3, out=str(tmp_path / "out"), workdir=str(tmp_path / "work"),
                         profile=False, plot=True, log=lambda m: None,
-                        cfg_override=dict(batch=4, n_train=16, n_test=8, skip=1, warmup=1))
+                        cfg_override=dict(batch=4, n_train=16, n_test=8, skip=1, warmup=1, rounds=2, timing_steps=2))
     assert set(r["variants"]) == set(bench.VARIANTS)
     for name, v in r["variants"].items():
         for key in ("step_ms_median", "peak_rss_mb", "trainable_params", "optimizer_state_bytes", "update_bytes",
@@ -99,6 +99,10 @@ def test_bench_tiny_all_variants(tmp_path):
     assert r["variants"]["ort-lora8"]["trainable_params"] < full["trainable_params"]
     assert [t["target"] for t in r["targets"]] == [t[0] for t in bench.TARGETS]
     assert all(t["met"] in (True, False) for t in r["targets"])
+    for name, v in r["variants"].items():      # timing rounds: ORT and inference variants, not torch
+        assert ("step_ms_rounds" in v) == (bench.VARIANTS[name][0] != "torch"), name
+        if "step_ms_rounds" in v:
+            assert len(v["step_ms_rounds"]) == 2 and min(v["step_ms_rounds"]) <= v["step_ms_median"]
     out = tmp_path / "out"
     assert (out / "bench.png").stat().st_size > 1000
     md = (out / "bench.md").read_text()

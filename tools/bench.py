@@ -49,8 +49,10 @@ MODELS = {
                    title="ImageNet MobileNetV2 -> handwritten digits (64x64)"),
 }
 LR = {"taskedge": 1e-2, "lora": 2e-3, "full": 1e-4, "head": 1e-2}
-FULL = dict(steps=200, batch=16, n_train=2000, n_test=1000, warmup=5, skip=3)
-QUICK = dict(steps=23, batch=16, n_train=400, n_test=200, warmup=5, skip=3)
+# rounds: the training run + (rounds - 1) timing-only runs of timing_steps per ORT/infer variant,
+# interleaved; step time = median over rounds (this host's speed drifts by 10-20 % over minutes)
+FULL = dict(steps=200, batch=16, n_train=2000, n_test=1000, warmup=5, skip=3, rounds=3, timing_steps=20)
+QUICK = dict(steps=23, batch=16, n_train=400, n_test=200, warmup=5, skip=3, rounds=2, timing_steps=20)
 THREADS = 2
 PRIMARY = "taskedge-0.1%"
 
@@ -155,7 +157,8 @@ def worker_ort(name: str, spec: dict, v: dict) -> dict:
     before = {n: ck.get(n) for n in probe}
     lr = v["lr"]
     times, losses = [], []
-    steps = prof_steps + spec["skip"] if prof_steps else spec["steps"]
+    timing = int(spec.get("timing_steps") or 0)
+    steps = prof_steps + spec["skip"] if prof_steps else (timing + spec["skip"] if timing else spec["steps"])
     for step in range(steps):
         idx = _batch_idx(step, len(train["labels"]), spec["batch"], spec["seed"])
         feed = [train[n][idx] for n in names]
@@ -166,6 +169,9 @@ def worker_ort(name: str, spec: dict, v: dict) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(loss)
     peak = sampler.peak_mb()
+    if timing:
+        sampler.stop()
+        return _timing_result(name, spec, times)
     if prof_steps:
         prefix = Path(spec["workdir"]) / f"profile-{name.replace('%', 'pct')}"
         del trainer.optimizer
@@ -198,6 +204,10 @@ def worker_ort(name: str, spec: dict, v: dict) -> dict:
     return _result(name, v, spec, times, losses, peak, rss_import, n_trainable, update_bytes, correct / n, changed)
 
 
+def _timing_result(name, spec, times) -> dict:
+    return {"variant": name, "step_ms_median": round(1000 * statistics.median(times[spec["skip"]:]), 2)}
+
+
 def _result(name, v, spec, times, losses, peak, rss_import, n_trainable, update_bytes, acc, changed):
     measured = times[spec["skip"]:]
     return {"variant": name, "engine": v["engine"], "family": v["family"], "options": v["options"],
@@ -226,7 +236,8 @@ def worker_infer(name: str, spec: dict, v: dict) -> dict:
     sess = ort.InferenceSession(v["model"], so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     times = []
-    for step in range(spec["steps"]):
+    timing = int(spec.get("timing_steps") or 0)
+    for step in range(timing + spec["skip"] if timing else spec["steps"]):
         idx = _batch_idx(step, len(train["labels"]), spec["batch"], spec["seed"])
         feed = {n: train[n][idx] for n in names}
         t0 = time.perf_counter()
@@ -234,6 +245,8 @@ def worker_infer(name: str, spec: dict, v: dict) -> dict:
         times.append(time.perf_counter() - t0)
     peak = sampler.peak_mb()
     sampler.stop()
+    if timing:
+        return _timing_result(name, spec, times)
     return _result(name, v, spec, times, [], peak, rss_import, 0, 0, None, None)
 
 
@@ -491,12 +504,14 @@ def prepare(model: str, cfg: dict, work: Path, seed: int, variants: list, log) -
     return spec
 
 
-def run_worker(name: str, spec_path: Path, timeout: float = 1800, profile_steps: int = 0) -> dict:
+def run_worker(name: str, spec_path: Path, timeout: float = 1800, profile_steps: int = 0,
+               timing_steps: int = 0) -> dict:
     sp = spec_path
-    if profile_steps:
+    if profile_steps or timing_steps:
         spec = json.loads(spec_path.read_text())
         spec["profile_steps"] = profile_steps
-        sp = spec_path.with_name("spec-profile.json")
+        spec["timing_steps"] = timing_steps
+        sp = spec_path.with_name("spec-profile.json" if profile_steps else "spec-timing.json")
         sp.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
     r = subprocess.run([sys.executable, "-m", "taskedge.tools.bench", "--worker", name, "--spec", str(sp)],
@@ -578,6 +593,18 @@ def run_bench(model: str = "text", quick: bool = False, steps: int = None, seed:
             acc = "" if r["accuracy"] is None else f", acc {r['accuracy']:.4f}"
             log(f"{name}: {r['step_ms_median']:.1f} ms/step, peak {r['peak_rss_mb']:.0f} MB{acc} "
                 f"({time.perf_counter() - t:.0f}s)")
+        timed = [n for n in spec["run"] if VARIANTS[n][0] in ("ort", "infer")]
+        for rnd in range(1, cfg["rounds"]):     # more timing rounds, variants interleaved (noisy hosts)
+            order = timed if rnd % 2 else timed[::-1]
+            log(f"timing round {rnd + 1}/{cfg['rounds']}: {len(order)} variants x {cfg['timing_steps']} steps")
+            for name in order:
+                res[name].setdefault("step_ms_rounds", [res[name]["step_ms_median"]])
+                res[name]["step_ms_rounds"].append(
+                    run_worker(name, spec_path, timing_steps=cfg["timing_steps"])["step_ms_median"])
+        for name in timed:
+            if "step_ms_rounds" in res[name]:
+                res[name]["step_ms_first_run"] = res[name]["step_ms_median"]
+                res[name]["step_ms_median"] = round(statistics.median(res[name]["step_ms_rounds"]), 2)
         model_bytes = 4 * int(spec["num_weights"] or 0)
         primary = primary_variant(res)
         targets = evaluate_targets(res, model_bytes, primary)
@@ -596,7 +623,8 @@ def run_bench(model: str = "text", quick: bool = False, steps: int = None, seed:
                     profiles[name] = run_worker(name, spec_path, profile_steps=5)["profile"]
         report = {"model": model, "title": MODELS[model]["title"], "quick": quick, "seed": seed,
                   "execution_provider": "CPUExecutionProvider", "threads": THREADS, "batch": cfg["batch"],
-                  "steps": cfg["steps"], "measured_steps": cfg["steps"] - cfg["skip"], "warmup_lr_steps": cfg["warmup"],
+                  "steps": cfg["steps"], "measured_steps": cfg["steps"] - cfg["skip"],
+                  "rounds": cfg["rounds"], "timing_steps": cfg["timing_steps"], "warmup_lr_steps": cfg["warmup"],
                   "max_len": 48 if model == "text" else None, "n_train": spec["n_train"], "n_test": spec["n_test"],
                   "num_weights": spec["num_weights"], "model_bytes": model_bytes, "lr": dict(LR),
                   "primary": primary, "variants": res, "skipped": spec["skipped"], "targets": targets, "profiles": profiles,
@@ -667,6 +695,10 @@ def format_md(r: dict) -> str:
            f"(ORT intra-op and torch), batch {r['batch']}" + (f" x {r['max_len']} tokens" if r.get("max_len") else "")
            + f", {r['steps']} steps per variant (median step time over the last {r['measured_steps']}; "
            f"first {r['steps'] - r['measured_steps']} skipped), train {r['n_train']} / held-out test {r['n_test']}. "
+           + (f"Step time of ORT and inference variants = median over {r['rounds']} rounds (that run + "
+              f"{r['rounds'] - 1} timing-only run(s) of {r['timing_steps']} steps each, variants interleaved); "
+              "torch variants: that run only. " if r.get("rounds", 1) > 1 else "")
+           + 
            f"Each variant ran in its own fresh subprocess; peak memory = max RSS of that worker (psutil, 5 ms) "
            f"from start through training (imports + model + steps). Model: {r['num_weights']:,} weights "
            f"({_fmt_bytes(r['model_bytes'])} fp32). Machine: {r['machine']['cpus']} cores, load average "
