@@ -50,8 +50,9 @@ MODELS = {
 }
 LR = {"taskedge": 1e-2, "lora": 2e-3, "full": 1e-4, "head": 1e-2}
 # rounds: the training run + (rounds - 1) timing-only runs of timing_steps per ORT/infer variant,
-# interleaved; step time = median over rounds (this host's speed drifts by 10-20 % over minutes)
-FULL = dict(steps=200, batch=16, n_train=2000, n_test=1000, warmup=5, skip=3, rounds=3, timing_steps=20)
+# interleaved; step time = median over rounds, time ratios = median of the within-round ratios
+# of the timing rounds (this host's speed drifts by 10-20 % over minutes)
+FULL = dict(steps=200, batch=16, n_train=2000, n_test=1000, warmup=5, skip=3, rounds=4, timing_steps=20)
 QUICK = dict(steps=23, batch=16, n_train=400, n_test=200, warmup=5, skip=3, rounds=2, timing_steps=20)
 THREADS = 2
 PRIMARY = "taskedge-0.1%"
@@ -532,19 +533,32 @@ def primary_variant(res: dict) -> str:
     return next((n for n, v in res.items() if v["family"] == "taskedge" and v["engine"] == "ort"), PRIMARY)
 
 
-def evaluate_targets(res: dict, model_bytes: int, primary: str = PRIMARY) -> list:
+def time_ratio(res: dict):
+    """a/b step time. With timing rounds: the median over those rounds of the ratio within each
+    round (variants of one round ran minutes apart, not a quarter of an hour as in the training
+    runs); else the ratio of the medians."""
+    def ratio(a: str, b: str):
+        ra, rb = res[a].get("step_ms_rounds", [])[1:], res[b].get("step_ms_rounds", [])[1:]
+        if ra and len(ra) == len(rb):
+            return round(statistics.median(x / y for x, y in zip(ra, rb)), 3)
+        return _ratio(res[a]["step_ms_median"], res[b]["step_ms_median"])
+    return ratio
+
+
+def evaluate_targets(res: dict, model_bytes: int, primary: str = PRIMARY, ratio=None) -> list:
     te, full, lora, inf = (res.get(k) for k in (primary, "ort-full", "ort-lora8", "infer"))
+    ratio = ratio or time_ratio(res)
     out = []
     for key, text, limit in TARGETS:
         val = None
         if te is None:
             pass
         elif key == "time_vs_full" and full:
-            val = _ratio(te["step_ms_median"], full["step_ms_median"])
+            val = ratio(primary, "ort-full")
         elif key == "time_vs_lora" and lora:
-            val = _ratio(te["step_ms_median"], lora["step_ms_median"])
+            val = ratio(primary, "ort-lora8")
         elif key == "time_vs_infer" and inf:
-            val = _ratio(te["step_ms_median"], inf["step_ms_median"])
+            val = ratio(primary, "infer")
         elif key == "mem_vs_full" and full:
             val = _ratio(te["peak_rss_mb"], full["peak_rss_mb"])
         elif key == "mem_vs_infer" and inf:
@@ -607,11 +621,12 @@ def run_bench(model: str = "text", quick: bool = False, steps: int = None, seed:
                 res[name]["step_ms_median"] = round(statistics.median(res[name]["step_ms_rounds"]), 2)
         model_bytes = 4 * int(spec["num_weights"] or 0)
         primary = primary_variant(res)
-        targets = evaluate_targets(res, model_bytes, primary)
+        ratio = time_ratio(res)
+        targets = evaluate_targets(res, model_bytes, primary, ratio)
         full, inf = res.get("ort-full"), res.get("infer")
-        for r in res.values():
-            r["x_ort_full_time"] = _ratio(r["step_ms_median"], full["step_ms_median"]) if full else None
-            r["x_infer_time"] = _ratio(r["step_ms_median"], inf["step_ms_median"]) if inf else None
+        for name, r in res.items():
+            r["x_ort_full_time"] = ratio(name, "ort-full") if full else None
+            r["x_infer_time"] = ratio(name, "infer") if inf else None
             r["x_ort_full_mem"] = _ratio(r["peak_rss_mb"], full["peak_rss_mb"]) if full else None
             r["x_infer_mem"] = _ratio(r["peak_rss_mb"], inf["peak_rss_mb"]) if inf else None
             r["update_share_of_model_bytes"] = round(r["update_bytes"] / model_bytes, 6) if model_bytes else None
@@ -697,7 +712,8 @@ def format_md(r: dict) -> str:
            f"first {r['steps'] - r['measured_steps']} skipped), train {r['n_train']} / held-out test {r['n_test']}. "
            + (f"Step time of ORT and inference variants = median over {r['rounds']} rounds (that run + "
               f"{r['rounds'] - 1} timing-only run(s) of {r['timing_steps']} steps each, variants interleaved); "
-              "torch variants: that run only. " if r.get("rounds", 1) > 1 else "")
+              "their time ratios (x full, x infer, targets) = median over the timing-only rounds of the ratio "
+              "within a round; torch variants: that run only. " if r.get("rounds", 1) > 1 else "")
            + 
            f"Each variant ran in its own fresh subprocess; peak memory = max RSS of that worker (psutil, 5 ms) "
            f"from start through training (imports + model + steps). Model: {r['num_weights']:,} weights "
