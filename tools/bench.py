@@ -110,7 +110,7 @@ def _savez(path: Path, arrays: dict) -> int:
     return path.stat().st_size
 
 
-def _profile_summary(path: Path, steps: int, top: int = 12) -> list:
+def _profile_summary(path: Path, steps: int, top: int = 16) -> list:
     """Aggregate ORT profiler kernel time per op type (ms per step)."""
     events = json.loads(path.read_text())
     agg = {}
@@ -699,7 +699,7 @@ def format_targets(r: dict) -> str:
         elif t["target"] == "update_share":
             vs = "-" if val is None else f"{100 * val:.4f} %"
         else:
-            vs = "-" if val is None else f"{val:.2f}x"
+            vs = "-" if val is None else f"{val:.3f}x"
         lines.append(f"- **{mark}** {t['text']}: {vs}")
     return "\n".join(lines)
 
