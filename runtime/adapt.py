@@ -339,10 +339,12 @@ class Session:
                  + f": rolled back to {path.name} (step {self.step}), learning rate x{self.lr_scale:g}")
         return True
 
-    # flags that shape the run's data and schedule: --resume must see the same ones
-    RESUME_FLAGS = {"data": "--data", "eval_data": "--eval-data", "records": "the record count of --data",
-                    "steps": "--steps", "epochs": "--epochs", "lr": "--lr", "schedule": "--schedule",
-                    "warmup": "--warmup", "seed": "--seed", "batch_size": "--batch-size", "skip_bad": "--skip-bad"}
+    # --resume must see the same data (else it silently trains on another set or order) ...
+    RESUME_SAME = {"data": "--data", "eval_data": "--eval-data", "records": "the record count of --data",
+                   "seed": "--seed", "batch_size": "--batch-size"}
+    # ... and may change the schedule (extend --steps, lower --lr, add --skip-bad): noted in the log
+    RESUME_MAY_CHANGE = {"steps": "--steps", "epochs": "--epochs", "lr": "--lr", "schedule": "--schedule",
+                         "warmup": "--warmup", "skip_bad": "--skip-bad"}
 
     def run_flags(self) -> dict:
         o = self.opts
@@ -355,11 +357,16 @@ class Session:
         if not saved:                       # checkpoints written before the flags were recorded
             return
         now = self.run_flags()
-        diff = [f"{self.RESUME_FLAGS[k]}: {saved[k]!r} then, {now[k]!r} now" for k in now
-                if k in saved and saved[k] != now[k]]
-        if diff:
-            raise UserError("--resume with different settings than the interrupted run (" + "; ".join(diff) +
+        changed = {k: f"{saved[k]!r} then, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]}
+        refused = [f"{self.RESUME_SAME[k]}: {v}" for k, v in changed.items() if k in self.RESUME_SAME]
+        if refused:
+            raise UserError("--resume with different data than the interrupted run (" + "; ".join(refused) +
                             "): pass the same flags to continue it, or --fresh to start over")
+        notes = [f"{self.RESUME_MAY_CHANGE[k]}: {v}" for k, v in changed.items() if k in self.RESUME_MAY_CHANGE]
+        if notes:
+            self.log("resuming with changed settings (" + "; ".join(notes) + "); the schedule follows the new values")
+        if self.resume_info is not None:
+            self.resume_info["changed"] = {k: v for k, v in changed.items() if k in self.RESUME_MAY_CHANGE}
 
     def snapshot(self) -> dict:
         return {"flags": self.run_flags(), "step": self.step, "plan": {**self.plan, "micro_batch": self.micro}, "lr_scale": self.lr_scale,

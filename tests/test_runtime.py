@@ -150,15 +150,17 @@ def test_checkpoint_set_before_trainer_is_refused_not_a_crash(mlp_bundle):
     del trainer
 
 
-def test_resume_refuses_changed_flags(tmp_path, mlp_bundle, mlp_data):
+def test_resume_refuses_other_data_and_notes_a_longer_schedule(tmp_path, mlp_bundle, mlp_data):
     data = mlp_data / "train.npz"
     part = _adapt(mlp_bundle, data, tmp_path / "r", "--steps", "40", "--energy-budget-j", "0.03")
     assert part["stop_reason"] == "energy_budget"
-    r = run_cli("adapt", mlp_bundle, "--data", data, "--run-dir", tmp_path / "r", "--quiet", "--lr", "0.01",
-                "--steps", "60", "--resume")
-    assert r.returncode == 2 and "--steps: 40 then, 60 now" in r.stderr and "--fresh" in r.stderr, r.stderr
     r = run_cli("adapt", mlp_bundle, "--data", mlp_data / "test.npz", "--run-dir", tmp_path / "r", "--quiet",
                 "--lr", "0.01", "--steps", "40", "--resume")
-    assert r.returncode == 2 and "--data:" in r.stderr, r.stderr
-    rest = _adapt(mlp_bundle, data, tmp_path / "r", "--steps", "40", "--resume")   # same flags: continues
-    assert rest["steps"] == 40
+    assert r.returncode == 2 and "--data:" in r.stderr and "--fresh" in r.stderr, r.stderr
+    r = run_cli("adapt", mlp_bundle, "--data", data, "--run-dir", tmp_path / "r", "--quiet", "--lr", "0.01",
+                "--steps", "40", "--seed", "1", "--resume")
+    assert r.returncode == 2 and "--seed: 0 then, 1 now" in r.stderr, r.stderr
+    r = run_cli("adapt", mlp_bundle, "--data", data, "--run-dir", tmp_path / "r", "--lr", "0.01",
+                "--steps", "50", "--resume", "--json")          # extending the run is allowed, and said
+    assert r.returncode == 0, r.stderr
+    assert "--steps: 40 then, 50 now" in r.stderr and json.loads(r.stdout)["steps"] == 50
