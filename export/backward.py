@@ -16,7 +16,7 @@ does not show the expected pattern keeps ORT's dense gradient (`backward: dense`
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 import onnx
@@ -24,19 +24,13 @@ from onnx import helper, numpy_helper
 
 from taskedge.runtime.bundle import LayerAllocation
 
+from .layers import node_attr
 from .rewrite import FORWARD_TIE, tie_after
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 class _Graph:
     def __init__(self, model: onnx.ModelProto):
-        self.model, self.g = model, model.graph
+        self.g = model.graph
         self.producer = {o: n for n in self.g.node for o in n.output}
         self.consumers: Dict[str, List[onnx.NodeProto]] = {}
         for n in self.g.node:
@@ -86,12 +80,12 @@ class _Graph:
         self.g.initializer.extend(keep)
 
 
-def _layout(layer: LayerAllocation, fwd: onnx.NodeProto) -> Optional[Tuple[int, float]]:
-    """(axis of W' that the scatter indexes, alpha) for the layouts handled, else None."""
+def _alpha(layer: LayerAllocation, fwd: onnx.NodeProto) -> Optional[float]:
+    """The forward op's scale on x @ W' for the layouts handled (x is [..., cols]), else None."""
     if layer.op == "MatMul":
-        return 0, 1.0                                           # W [cols, rows], idx [k, rows]
-    if layer.op == "Gemm" and not _attr(fwd, "transA", 0):
-        return (1 if _attr(fwd, "transB", 0) else 0), float(_attr(fwd, "alpha", 1.0))
+        return 1.0
+    if layer.op == "Gemm" and not node_attr(fwd, "transA", 0):
+        return float(node_attr(fwd, "alpha", 1.0))
     return None
 
 
@@ -107,11 +101,11 @@ def _rewrite_layer(G: _Graph, layer: LayerAllocation, idx_rows: np.ndarray) -> b
     pick = G.producer.get(upd_grad)
     if not (fwd and dense and pick) or pick.op_type != "GatherElements" or pick.input[0] != wp + "_grad":
         return False
-    layout = _layout(layer, fwd)
+    alpha = _alpha(layer, fwd)
     dy = fwd.output[0] + "_grad"
-    if layout is None or dy not in G.producer or len(G.consumers.get(wp + "_grad", [])) != 1:
+    if alpha is None or dy not in G.producer or len(G.consumers.get(wp + "_grad", [])) != 1:
         return False
-    axis, alpha = layout
+    axis = node_attr(scatter, "axis", 0)                       # 0: W' [cols, rows]; 1: W' [rows, cols]
     x = fwd.input[0]
     p = f"{w}.taskedge_sb"
     idx = idx_rows.astype(np.int64)                            # [rows, k]
@@ -152,7 +146,7 @@ def _rewrite_layer(G: _Graph, layer: LayerAllocation, idx_rows: np.ndarray) -> b
         rebuilt = wp + "_bwd"
         nodes, tied = tie_after(scatter.input[2], upd_grad, p + "_upd_after_grad", G.const(p + "_zero", np.array([0], np.int64)))
         nodes.append(helper.make_node("ScatterElements", [scatter.input[0], scatter.input[1], tied], [rebuilt],
-                                      name=rebuilt, axis=_attr(scatter, "axis", 0)))
+                                      name=rebuilt, axis=axis))
         first = later[0]
         G.before.setdefault(id(first), []).extend(nodes)
         for n in later:

@@ -37,17 +37,10 @@ from onnx import helper, numpy_helper
 from taskedge.runtime import bundle as B
 
 from .exporter import _artifacts
-from .layers import count_weights, find_weight_ops
+from .layers import count_weights, find_weight_ops, node_attr
 from .rewrite import HEAD_BIAS, HEAD_WEIGHT, add_head, prepare_for_training
 
 SCALED = ".lr_scaled"
-
-
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def scale_head(model: onnx.ModelProto, scale: float) -> List[str]:
@@ -111,7 +104,7 @@ def add_lora(model: onnx.ModelProto, rank: int = 8, alpha: float = 16.0, seed: i
             bound = 1.0 / np.sqrt(fan_in)
             a = rng.uniform(-bound, bound, size=[rank, cin] + kshape).astype(np.float32)
             b = np.zeros([cout, rank] + [1] * len(kshape), dtype=np.float32)
-            attrs = {k: _attr(op.node, k, None) for k in ("strides", "pads", "dilations", "auto_pad")}
+            attrs = {k: node_attr(op.node, k, None) for k in ("strides", "pads", "dilations", "auto_pad")}
             attrs = {k: v for k, v in attrs.items() if v is not None}
             x = op.node.input[0]
             xa = helper.make_node("Conv", [x, f"{p}.lora_A"], [f"{p}.lora_xa"], name=f"{p}.lora_xa", **attrs)
@@ -119,7 +112,7 @@ def add_lora(model: onnx.ModelProto, rank: int = 8, alpha: float = 16.0, seed: i
             nodes += [xa, xab]
             rows, cols = cout, fan_in
         else:
-            trans_b = _attr(op.node, "transB", 0) if op.op == "Gemm" else 0
+            trans_b = node_attr(op.node, "transB", 0) if op.op == "Gemm" else 0
             if op.trans_a:
                 continue
             rows, cols = op.rows, op.cols

@@ -56,7 +56,8 @@ class WeightOp:
         return np.repeat(per_group[group_of_row], spatial, axis=1)       # [cout, cin_g*spatial]
 
 
-def _attr(node, name, default):
+def node_attr(node: onnx.NodeProto, name: str, default):
+    """The value of a node attribute, or `default` when the node does not set it."""
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
@@ -78,14 +79,14 @@ def find_weight_ops(model: onnx.ModelProto) -> List[WeightOp]:
                 continue
             op = WeightOp(node, "MatMul", w.name, shape, node.input[0], -1, row_axis=1)
         elif node.op_type == "Gemm":
-            trans_a = _attr(node, "transA", 0)
+            trans_a = node_attr(node, "transA", 0)
             op = WeightOp(node, "Gemm", w.name, shape, node.input[0], 0 if trans_a else 1,
-                          row_axis=0 if _attr(node, "transB", 0) else 1, trans_a=trans_a)
+                          row_axis=0 if node_attr(node, "transB", 0) else 1, trans_a=trans_a)
         else:
             if len(shape) < 3:
                 continue
             op = WeightOp(node, "Conv", w.name, shape, node.input[0], 1, row_axis=0,
-                          groups=int(_attr(node, "group", 1)))
+                          groups=int(node_attr(node, "group", 1)))
         seen.add(w.name)
         ops.append(op)
     return ops

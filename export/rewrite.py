@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from taskedge.runtime.bundle import LayerAllocation
 
-from .layers import WeightOp
+from .layers import WeightOp, node_attr
 
 HEAD_WEIGHT = "taskedge_head.weight"
 HEAD_BIAS = "taskedge_head.bias"
@@ -93,7 +93,7 @@ def _delta(b: _Builder, rows: int, idx_rows: np.ndarray, cols: int, lora_rank: O
 def _times_alpha(b: _Builder, op: WeightOp, update: str) -> str:
     """Gemm computes alpha * A @ B: the update's output term is scaled the same way, so that
     delta lives in weight space (what `merge` adds to W)."""
-    alpha = next((a.f for a in op.node.attribute if a.name == "alpha"), 1.0) if op.op == "Gemm" else 1.0
+    alpha = float(node_attr(op.node, "alpha", 1.0)) if op.op == "Gemm" else 1.0
     if alpha == 1.0:
         return update
     return b.node("Mul", [update, b.init("alpha", np.array(alpha, dtype=np.float32))], "update_scaled")

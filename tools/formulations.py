@@ -67,12 +67,12 @@ def measure(model: str, batch: int, steps: int) -> list:
         feed = [arrays[n][:batch] for n in names] + [np.zeros(batch, np.int64)]
         times = {label: [] for label in trainers}
         for i in range(steps + 3):
-            for form, tr in trainers.items():
+            for label, tr in trainers.items():
                 t0 = time.perf_counter()
                 tr.train_step(feed)
                 tr.optimizer_step()
                 if i >= 3:
-                    times[form].append(time.perf_counter() - t0)
+                    times[label].append(time.perf_counter() - t0)
         return [{"formulation": f, "median_ms": round(1000 * statistics.median(v), 2)} for f, v in times.items()]
 
 
