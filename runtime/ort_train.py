@@ -7,7 +7,7 @@ CheckpointState) do.
 from __future__ import annotations
 
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 from onnxruntime.capi import _pybind_state as C
@@ -74,12 +74,17 @@ class Trainer:
     """Training module + optimizer over one checkpoint (ORT's Module/Optimizer)."""
 
     def __init__(self, training_model, eval_model, optimizer_model, checkpoint: Checkpoint,
-                 device: str = "cpu", threads: int = 0):
+                 device: str = "cpu", threads: int = 0, profile_prefix: Optional[str] = None):
+        """`profile_prefix`: ORT's profiler on the training session; it writes PREFIX*.json
+        when the module is released."""
         dev = _device(device)
         self.checkpoint = checkpoint
         checkpoint.bound = True
-        self.module = C.Module(os.fspath(training_model), checkpoint.state, os.fspath(eval_model), dev,
-                               _session_options(threads))
+        so = _session_options(threads)
+        if profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_prefix
+        self.module = C.Module(os.fspath(training_model), checkpoint.state, os.fspath(eval_model), dev, so)
         self.optimizer = C.Optimizer(os.fspath(optimizer_model), checkpoint.state, dev, _session_options(threads))
 
     @staticmethod

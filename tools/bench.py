@@ -126,9 +126,8 @@ def _profile_summary(path: Path, steps: int, top: int = 16) -> list:
 
 def worker_ort(name: str, spec: dict, v: dict) -> dict:
     import taskedge.runtime  # noqa: F401  (imports onnxruntime with the torch probe blocked)
-    from onnxruntime.capi import _pybind_state as C
     from taskedge.runtime import bundle as B
-    from taskedge.runtime.ort_train import Checkpoint, Trainer, _device, _session_options
+    from taskedge.runtime.ort_train import Checkpoint, Trainer
     from taskedge.runtime.telemetry import MemorySampler
 
     sampler = MemorySampler(interval_ms=5).start()
@@ -137,20 +136,9 @@ def worker_ort(name: str, spec: dict, v: dict) -> dict:
     train, test = _load(spec["train"]), _load(spec["test"])
     ck = Checkpoint(folder / B.CHECKPOINT)
     prof_steps = int(spec.get("profile_steps") or 0)
-    if prof_steps:   # the runtime's Trainer, but its training session has ORT's profiler on
-        so = _session_options(spec["threads"])
-        so.enable_profiling = True
-        so.profile_file_prefix = str(Path(spec["workdir"]) / f"profile-{name.replace('%', 'pct')}")
-        trainer = Trainer.__new__(Trainer)
-        trainer.checkpoint = ck
-        ck.bound = True
-        trainer.module = C.Module(str(folder / B.TRAINING_MODEL), ck.state, str(folder / B.EVAL_MODEL),
-                                  _device("cpu"), so)
-        trainer.optimizer = C.Optimizer(str(folder / B.OPTIMIZER_MODEL), ck.state, _device("cpu"),
-                                        _session_options(spec["threads"]))
-    else:
-        trainer = Trainer(folder / B.TRAINING_MODEL, folder / B.EVAL_MODEL, folder / B.OPTIMIZER_MODEL, ck,
-                          threads=spec["threads"])
+    prefix = Path(spec["workdir"]) / f"profile-{name.replace('%', 'pct')}"
+    trainer = Trainer(folder / B.TRAINING_MODEL, folder / B.EVAL_MODEL, folder / B.OPTIMIZER_MODEL, ck,
+                      threads=spec["threads"], profile_prefix=str(prefix) if prof_steps else None)
     names = [n for n in trainer.input_names(True)]
     trainable = [n for n in ck.names() if ck.requires_grad(n)]
     n_trainable = trainer.trainable_size()
@@ -174,7 +162,6 @@ def worker_ort(name: str, spec: dict, v: dict) -> dict:
         sampler.stop()
         return _timing_result(name, spec, times)
     if prof_steps:
-        prefix = Path(spec["workdir"]) / f"profile-{name.replace('%', 'pct')}"
         del trainer.optimizer
         del trainer.module
         trainer = None
