@@ -24,60 +24,9 @@ from onnx import helper, numpy_helper
 
 from taskedge.runtime.bundle import LayerAllocation
 
+from .graphedit import GraphEdit
 from .layers import node_attr
 from .rewrite import FORWARD_TIE, tie_after
-
-
-class _Graph:
-    def __init__(self, model: onnx.ModelProto):
-        self.g = model.graph
-        self.producer = {o: n for n in self.g.node for o in n.output}
-        self.consumers: Dict[str, List[onnx.NodeProto]] = {}
-        for n in self.g.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-        self.before: Dict[int, List[onnx.NodeProto]] = {}
-        self.after: Dict[int, List[onnx.NodeProto]] = {}
-        self.removed: set = set()
-
-    def const(self, name: str, array: np.ndarray) -> str:
-        self.g.initializer.append(numpy_helper.from_array(array, name))
-        return name
-
-    def commit(self) -> None:
-        """Splice the new nodes in, drop dead ones, keep a valid topological order."""
-        nodes = []
-        for n in self.g.node:
-            nodes += self.before.get(id(n), [])
-            if id(n) not in self.removed:
-                nodes.append(n)
-            nodes += self.after.get(id(n), [])
-        outputs = {o.name for o in self.g.output}
-        while True:
-            used = {i for n in nodes for i in n.input} | outputs
-            live = [n for n in nodes if any(o in used for o in n.output)]
-            if len(live) == len(nodes):
-                break
-            nodes = live
-        known = {i.name for i in self.g.input} | {t.name for t in self.g.initializer} | {""}
-        order, pending = [], nodes
-        while pending:
-            rest = []
-            for n in pending:
-                if all(i in known for i in n.input):
-                    order.append(n)
-                    known.update(n.output)
-                else:
-                    rest.append(n)
-            if len(rest) == len(pending):
-                raise RuntimeError(f"sparse backward: cannot order {[n.name for n in rest[:3]]}")
-            pending = rest
-        used = {i for n in order for i in n.input}
-        keep = [t for t in self.g.initializer if t.name in used]
-        del self.g.node[:]
-        self.g.node.extend(order)
-        del self.g.initializer[:]
-        self.g.initializer.extend(keep)
 
 
 def _alpha(layer: LayerAllocation, fwd: onnx.NodeProto) -> Optional[float]:
@@ -89,7 +38,7 @@ def _alpha(layer: LayerAllocation, fwd: onnx.NodeProto) -> Optional[float]:
     return None
 
 
-def _rewrite_layer(G: _Graph, layer: LayerAllocation, idx_rows: np.ndarray) -> bool:
+def _rewrite_layer(G: GraphEdit, layer: LayerAllocation, idx_rows: np.ndarray) -> bool:
     w = layer.weight
     wp = f"{w}.taskedge_w_scattered"                           # names from rewrite._scatter_path
     scatter = G.producer.get(wp)
@@ -160,7 +109,7 @@ def sparsify_backward(model: onnx.ModelProto, table: List[LayerAllocation],
                       indices: Dict[str, np.ndarray]) -> int:
     """Rewrite the training graph in place; marks each rewritten layer `backward="sparse"`.
     Returns how many layers were rewritten."""
-    G = _Graph(model)
+    G = GraphEdit(model)
     done = 0
     for layer in table:
         if layer.formulation == "scatter" and layer.op in ("MatMul", "Gemm") and _rewrite_layer(

@@ -1,4 +1,5 @@
-"""Host export: ingest -> (head) -> calibrate -> score/allocate -> rewrite -> ORT artifacts -> bundle."""
+"""Host export: ingest -> (head) -> calibrate -> score/allocate -> rewrite -> backward (ORT) -> lower
+-> standard-ONNX step/eval graphs + shared weights -> bundle."""
 from __future__ import annotations
 
 import contextlib
@@ -16,9 +17,11 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from taskedge.runtime import bundle as B
 from taskedge.runtime.fsutil import UserError, staged_dir
+from taskedge.runtime.optim import AdamW
 from taskedge.runtime.specs import check_arrays, graph_input_specs
 
 from . import importance as imp
@@ -28,6 +31,7 @@ from .ingest import ingest
 from .layers import count_weights, filter_ops, find_weight_ops, initializer_arrays
 from .backward import sparsify_backward
 from .rewrite import FORMULATIONS, add_head, insert_updates, prepare_for_training
+from .stepgraph import eval_graph, grad_names, step_graph, store_weights
 
 
 def _log(msg: str) -> None:
@@ -140,7 +144,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
     base = copy.deepcopy(model)
     table = insert_updates(model, ops, indices, cfg.formulation, cfg.lora_rank, cfg.seed)
     prepare_for_training(model)
-    trainable = [p for row in table for p in row.params] + sorted(head_params)
+    trainable = [p for row in table for p in row.params] + (list(head["params"]) if head else [])
     if not trainable:
         raise UserError("nothing to train: no selected layers and no new head")
     update_params = sum(row.trainable for row in table)
@@ -158,19 +162,29 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     with staged_dir(cfg.out) as tmp:
-        log(f"building ORT training artifacts ({len(trainable)} trainable tensors)")
+        log(f"deriving the backward graph with ORT's gradient builder ({len(trainable)} trainable tensors)")
         t = time.perf_counter()
-        _artifacts(model, trainable, tmp)
-        log(f"artifacts built in {time.perf_counter() - t:.1f}s")
+        training, evaluation = _artifacts(model, trainable)
         if cfg.sparse_backward and indices:
-            training = onnx.load(str(tmp / B.TRAINING_MODEL))
             n = sparsify_backward(training, table, indices)
-            onnx.save(training, str(tmp / B.TRAINING_MODEL))
             log(f"sparse backward: {n} of {len(table)} layers compute their gradient at the used columns only")
-        onnx.save(base, str(tmp / B.BASE_MODEL))
+        values = {t.name: t for t in model.graph.initializer}
+        data = [s.name for s in specs] + [B.LABELS_INPUT]
+        loss = training.graph.output[0].name
+        counts = step_graph(training, data, trainable, loss, manifest.logits, values)
+        eval_graph(evaluation, data, trainable, values)
+        log(f"step graph in standard ONNX ({len(training.graph.node)} nodes; lowered "
+            f"{', '.join(f'{k} x{v}' for k, v in sorted(counts.items())) or 'nothing'}) "
+            f"in {time.perf_counter() - t:.1f}s")
+        manifest.step = B.StepSpec(loss=loss, logits=manifest.logits, grads=grad_names(training),
+                                   lowered_ops=counts, optimizer=AdamW().to_dict())
+        manifest.weights = store_weights([base, training, evaluation], tmp, everything_of=base)
+        for name, graph in ((B.STEP_MODEL, training), (B.EVAL_MODEL, evaluation), (B.BASE_MODEL, base)):
+            onnx.save(graph, str(tmp / name))
+        np.savez(tmp / B.INITIAL_STATE, **{n: numpy_helper.to_array(values[n]) for n in trainable})
         np.savez(tmp / B.ALLOCATION, **{k: v.astype(np.uint16 if v.max(initial=0) < 65536 else np.int32)
                                         for k, v in indices.items()})   # smallest index type on disk
-        files = [B.TRAINING_MODEL, B.EVAL_MODEL, B.OPTIMIZER_MODEL, B.CHECKPOINT, B.BASE_MODEL, B.ALLOCATION]
+        files = list(B.REQUIRED_FILES)
         tok = src.meta.get("tokenizer")
         if tok:
             shutil.copyfile(tok, tmp / B.TOKENIZER)
@@ -187,20 +201,23 @@ def _num_classes(model: onnx.ModelProto) -> int:
     return int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") else 0
 
 
-def _artifacts(model: onnx.ModelProto, trainable: List[str], folder: Path) -> None:
+def _artifacts(model: onnx.ModelProto, trainable: List[str]):
+    """ORT's gradient builder (host only): the training graph (forward + backward + loss) and the
+    eval graph, with only `trainable` differentiated. Returns (training, eval) models."""
+    import onnxruntime
     from onnxruntime.training import artifacts
 
     inits = {t.name for t in model.graph.initializer}
     frozen = sorted(inits - set(trainable))
-    import onnxruntime
-
     onnxruntime.set_default_logger_severity(3)
     logging.getLogger().setLevel(logging.WARNING)
-    with _quiet_native_stderr():   # the gradient builder logs every graph transformer at INFO level
+    with tempfile.TemporaryDirectory() as folder, _quiet_native_stderr():   # the builder logs at INFO level
         artifacts.generate_artifacts(
             model, requires_grad=trainable, frozen_params=frozen,
             loss=artifacts.LossType.CrossEntropyLoss, optimizer=artifacts.OptimType.AdamW,
-            artifact_directory=str(folder), additional_output_names=[model.graph.output[0].name])
+            artifact_directory=folder, additional_output_names=[model.graph.output[0].name])
+        return onnx.load(os.path.join(folder, "training_model.onnx")), \
+            onnx.load(os.path.join(folder, "eval_model.onnx"))
 
 
 @contextlib.contextmanager

@@ -3,12 +3,12 @@
 A bundle is a folder:
 
     manifest.json          this schema (version, model, method, I/O spec, allocation table, sha256s)
-    training_model.onnx    ORT training graph: only the update tensors (and a new head) are trainable
-    eval_model.onnx        ORT eval graph (loss + logits)
-    optimizer_model.onnx   ORT optimizer graph (AdamW over the trainable tensors only)
-    checkpoint             ORT checkpoint holding the initial parameters
+    step_model.onnx        standard ONNX: (inputs, labels, trainable state) -> loss, logits, gradients
+    eval_model.onnx        standard ONNX: (inputs, labels, trainable state) -> loss, logits
     base_model.onnx        the frozen base inference model (with the new head, if any)
-    allocation.npz         per layer: the selected input indices `<weight>` -> int64 [rows, k]
+    weights.bin            the frozen weights of all three graphs, stored once (ONNX external data)
+    initial_state.npz      the trainable tensors' starting values (deltas, LoRA factors, head)
+    allocation.npz         per layer: the selected input indices `<weight>` -> [rows, k]
     tokenizer.json         optional, for JSONL text data on the board
 
 Both sides import this module; it is defined once, here.
@@ -25,21 +25,22 @@ from typing import Dict, List, Optional
 from .fsutil import UserError, atomic_write_json, sha256_file
 
 SCHEMA = "taskedge.bundle"
-SCHEMA_VERSION = 1
-# Bundles written with these schema versions can be read by this runtime.
-COMPATIBLE_SCHEMA_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+# Bundles written with these schema versions can be read by this runtime. Version 1 bundles held
+# ORT training artifacts (they needed onnxruntime-training on the board): export them again.
+COMPATIBLE_SCHEMA_VERSIONS = (2,)
 
 MANIFEST = "manifest.json"
-TRAINING_MODEL = "training_model.onnx"
+STEP_MODEL = "step_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
-OPTIMIZER_MODEL = "optimizer_model.onnx"
-CHECKPOINT = "checkpoint"
 BASE_MODEL = "base_model.onnx"
+WEIGHTS = "weights.bin"
+INITIAL_STATE = "initial_state.npz"
 ALLOCATION = "allocation.npz"
 TOKENIZER = "tokenizer.json"
 LABELS_INPUT = "labels"
 # Files the board opens by name: each must be listed (and hashed) in the manifest.
-REQUIRED_FILES = (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT, BASE_MODEL, ALLOCATION)
+REQUIRED_FILES = (STEP_MODEL, EVAL_MODEL, BASE_MODEL, WEIGHTS, INITIAL_STATE, ALLOCATION)
 # The manifest's own checksum: sha256 of its canonical JSON without this key. Optional (older
 # bundles lack it); when present a bit flip anywhere in the manifest is detected.
 SELF_HASH = "manifest_sha256"
@@ -56,6 +57,27 @@ class TensorSpec:
     name: str
     dtype: str                      # numpy dtype name, e.g. "float32", "int64"
     shape: List[object]             # ints, or strings for symbolic dims ("batch")
+
+
+@dataclass
+class WeightEntry:
+    """One tensor in weights.bin (little-endian, C order)."""
+    name: str
+    dtype: str
+    shape: List[int]
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class StepSpec:
+    """The step graph's outputs: loss, logits, then one gradient per trainable tensor, in
+    `Manifest.trainable_names` order; and the optimizer the runtime applies to them."""
+    loss: str
+    logits: str
+    grads: List[str]
+    lowered_ops: Dict[str, int] = field(default_factory=dict)     # training op -> count (export/lower.py)
+    optimizer: Dict[str, object] = field(default_factory=dict)    # {"name": "adamw", "betas": .., ...}
 
 
 @dataclass
@@ -85,6 +107,8 @@ class Manifest:
     method: Dict[str, object]                     # budget, k, nm, lora_rank, formulations, calibration
     layers: List[LayerAllocation]
     update_params: int                            # trainable entries of the sparse update
+    step: Optional[StepSpec] = None
+    weights: List[WeightEntry] = field(default_factory=list)  # index of weights.bin
     head: Optional[Dict[str, object]] = None      # {"params": [...], "size": n} when a new head was added
     preprocessing: Dict[str, object] = field(default_factory=dict)
     versions: Dict[str, str] = field(default_factory=dict)
@@ -130,6 +154,8 @@ class Manifest:
         d.pop("summary", None)
         d["inputs"] = [TensorSpec(**t) for t in d["inputs"]]
         d["layers"] = [LayerAllocation(**layer) for layer in d["layers"]]
+        d["step"] = StepSpec(**d["step"]) if d.get("step") else None
+        d["weights"] = [WeightEntry(**w) for w in d.get("weights", [])]
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -1,0 +1,139 @@
+"""From ORT's training artifacts to the graphs the board runs with plain onnxruntime.
+
+step graph   inputs: model inputs, labels, trainable state      outputs: loss, logits, d(loss)/d(state)
+eval graph   inputs: model inputs, labels, trainable state      outputs: loss, logits
+base graph   the frozen base inference model (with the new head); `merge` folds the update into it
+
+The frozen weights of all three are stored once, in `weights.bin`, as ONNX external data
+(page-aligned, so onnxruntime can map them); each graph file holds only its structure and
+small constants.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from taskedge.runtime.bundle import WEIGHTS, WeightEntry
+
+from .graphedit import GraphEdit
+from .lower import KEPT_CONTRIB, MS, lower
+
+ALIGN = 4096
+INLINE_MAX_BYTES = 1024            # smaller constants stay in the graph file
+ACCUMULATORS = ("InPlaceAccumulatorV2", "InPlaceAccumulator")
+TRAINING_DOMAINS = ("ai.onnx.training", "ai.onnx.preview.training", "com.microsoft.experimental",
+                    "com.microsoft.nchwc", "org.pytorch.aten", "ai.onnx.ml")
+
+
+def _feed_frozen(model: onnx.ModelProto, keep_inputs: Sequence[str], values: Dict[str, onnx.TensorProto]) -> None:
+    """Graph inputs that are not data or trainable state become initializers (the frozen weights)."""
+    g = model.graph
+    have = {t.name for t in g.initializer}
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    kept = []
+    for vi in g.input:
+        if vi.name in keep_inputs:
+            kept.append(vi)
+        elif vi.name not in have and vi.name in used:
+            if vi.name not in values:
+                raise ValueError(f"step graph: no value for frozen input {vi.name!r}")
+            g.initializer.append(values[vi.name])
+    del g.input[:]
+    order = list(keep_inputs)
+    g.input.extend(sorted(kept, key=lambda vi: order.index(vi.name)))
+
+
+def _clean_opsets(model: onnx.ModelProto) -> None:
+    used = {n.domain for n in model.graph.node}
+    keep = [o for o in model.opset_import if o.domain in ("", "ai.onnx") or (o.domain == MS and MS in used)]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+def step_graph(training: onnx.ModelProto, data_inputs: List[str], trainable: List[str], loss: str, logits: str,
+               values: Dict[str, onnx.TensorProto]) -> Dict[str, int]:
+    """Turn ORT's training graph into the standard-ONNX step graph, in place.
+    Returns the lowered training ops and their counts."""
+    g = training.graph
+    grad_of = {}
+    edit = GraphEdit(training)
+    for n in g.node:
+        if n.op_type in ACCUMULATORS:
+            grad_of[n.output[0]] = n.input[1]
+            edit.removed.add(id(n))
+    missing = [p for p in trainable if f"{p}_grad.accumulation.out" not in grad_of]
+    if missing:
+        raise ValueError(f"step graph: ORT produced no gradient for {missing[:3]}")
+    grads = [grad_of[f"{p}_grad.accumulation.out"] for p in trainable]
+    outputs = {o.name: o for o in g.output}
+    del g.output[:]
+    g.output.extend([outputs[loss], outputs[logits]])
+    for p, gname in zip(trainable, grads):
+        g.output.append(onnx.helper.make_tensor_value_info(gname, onnx.TensorProto.FLOAT, None))
+    edit.commit()
+    _feed_frozen(training, list(data_inputs) + list(trainable), values)
+    counts = lower(training)
+    _clean_opsets(training)
+    leftover = sorted({n.op_type for n in g.node if n.domain not in ("", "ai.onnx")
+                       and not (n.domain == MS and n.op_type in KEPT_CONTRIB)})
+    if leftover:
+        raise ValueError(f"step graph: non-standard ops left after lowering: {leftover}")
+    return counts
+
+
+def eval_graph(evaluation: onnx.ModelProto, data_inputs: List[str], trainable: List[str],
+               values: Dict[str, onnx.TensorProto]) -> None:
+    """ORT's eval graph (forward + loss) with the frozen weights fed as initializers, in place."""
+    _feed_frozen(evaluation, list(data_inputs) + list(trainable), values)
+    _clean_opsets(evaluation)
+
+
+def grad_names(step: onnx.ModelProto) -> List[str]:
+    return [o.name for o in step.graph.output[2:]]
+
+
+def store_weights(models: List[onnx.ModelProto], folder: Path, everything_of: onnx.ModelProto) -> List[WeightEntry]:
+    """Move initializers into one shared, page-aligned `weights.bin`: every initializer of
+    `everything_of` (the base graph: merge rebuilds it from this file) and the larger ones of the
+    others. A tensor that several graphs hold under one name is written once. Returns the index."""
+    chosen: Dict[str, onnx.TensorProto] = {}
+    for model in models:
+        for t in model.graph.initializer:
+            raw = numpy_helper.to_array(t)
+            if model is not everything_of and raw.nbytes < INLINE_MAX_BYTES:
+                continue
+            if t.name in chosen:
+                if not np.array_equal(numpy_helper.to_array(chosen[t.name]), raw):
+                    raise ValueError(f"two graphs hold different tensors named {t.name!r}")
+                continue
+            chosen[t.name] = t
+    index: List[WeightEntry] = []
+    offsets: Dict[str, WeightEntry] = {}
+    with open(folder / WEIGHTS, "wb") as f:
+        for name, t in chosen.items():
+            a = np.ascontiguousarray(numpy_helper.to_array(t))
+            pad = (-f.tell()) % ALIGN
+            f.write(b"\0" * pad)
+            entry = WeightEntry(name=name, dtype=a.dtype.name, shape=list(a.shape), offset=f.tell(),
+                                nbytes=int(a.nbytes))
+            f.write(a.tobytes())
+            index.append(entry)
+            offsets[name] = entry
+    for model in models:
+        for t in model.graph.initializer:
+            e = offsets.get(t.name)
+            if e is None:
+                continue
+            t.ClearField("raw_data")
+            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+                t.ClearField(field)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", WEIGHTS), ("offset", str(e.offset)), ("length", str(e.nbytes))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+    return index

@@ -1,0 +1,150 @@
+"""The training step on plain onnxruntime.
+
+The bundle's step graph takes the trainable state as inputs and returns loss, logits and the
+state's gradients; the frozen weights are initializers of that graph (prepacked by onnxruntime).
+`TrainState` is everything that changes during a run (KB to MB): the trainable tensors, their
+AdamW moments and the update count. It is what a checkpoint holds.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnxruntime as ort
+
+from . import bundle as B
+from .fsutil import UserError
+from .optim import AdamW
+
+
+class TrainState:
+    """Trainable tensors + AdamW moments + number of updates so far."""
+
+    def __init__(self, params: Dict[str, np.ndarray], m=None, v=None, updates: int = 0):
+        self.params = {k: np.ascontiguousarray(a, dtype=np.float32) for k, a in params.items()}
+        self.m = m if m is not None else {k: np.zeros_like(a) for k, a in self.params.items()}
+        self.v = v if v is not None else {k: np.zeros_like(a) for k, a in self.params.items()}
+        self.updates = int(updates)
+
+    @classmethod
+    def initial(cls, bundle_dir, manifest: B.Manifest) -> "TrainState":
+        with np.load(Path(bundle_dir) / B.INITIAL_STATE, allow_pickle=False) as z:
+            return cls({n: z[n] for n in manifest.trainable_names})
+
+    def to_bytes(self) -> bytes:
+        arrays = {f"param/{k}": a for k, a in self.params.items()}
+        arrays.update({f"m/{k}": a for k, a in self.m.items()})
+        arrays.update({f"v/{k}": a for k, a in self.v.items()})
+        arrays["updates"] = np.array(self.updates, dtype=np.int64)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_file(cls, path, names: Sequence[str]) -> "TrainState":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                parts = [{n: z[f"{kind}/{n}"] for n in names} for kind in ("param", "m", "v")]
+                return cls(*parts, updates=int(z["updates"]))
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{path}: not a TaskEdge checkpoint of this bundle ({type(e).__name__}: {e})") from None
+
+    def finite(self) -> bool:
+        return all(np.isfinite(a).all() for a in self.params.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for d in (self.params, self.m, self.v) for a in d.values())
+
+
+def session_options(threads: int = 0, profile_prefix: Optional[str] = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return so
+
+
+def providers_for(device: str, preferred: Optional[List[str]] = None) -> List[str]:
+    """Execution providers in the device profile's order, limited to those this onnxruntime has."""
+    have = ort.get_available_providers()
+    want = list(preferred or [])
+    if device.startswith("cuda"):
+        want = ["CUDAExecutionProvider"] + want
+    want.append("CPUExecutionProvider")
+    chosen = [p for i, p in enumerate(want) if p in have and p not in want[:i]]
+    if device.startswith("cuda") and "CUDAExecutionProvider" not in chosen:
+        raise UserError(f"--device {device}: this onnxruntime has no CUDA execution provider (it has {have}); "
+                        "install NVIDIA's onnxruntime-gpu wheel for JetPack, or use --device cpu")
+    return chosen
+
+
+def open_session(path, threads: int = 0, providers: Optional[List[str]] = None,
+                 profile_prefix: Optional[str] = None) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), sess_options=session_options(threads, profile_prefix),
+                                    providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise UserError(f"{path}: onnxruntime {ort.__version__} cannot load it ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300]}); re-export the bundle with this taskedge version") from None
+
+
+class Trainer:
+    """Step and eval sessions over one bundle, gradients accumulated over micro-batches, AdamW."""
+
+    def __init__(self, bundle_dir, manifest: B.Manifest, state: TrainState, device: str = "cpu",
+                 threads: int = 0, providers: Optional[List[str]] = None, profile_prefix: Optional[str] = None):
+        self.dir, self.manifest, self.state = Path(bundle_dir), manifest, state
+        self.threads = threads
+        self.providers = providers_for(device, providers)
+        self.names = manifest.trainable_names
+        self.data_names = [s.name for s in manifest.inputs] + [B.LABELS_INPUT]
+        self.optimizer = AdamW.from_dict(manifest.step.optimizer)
+        self.session = open_session(self.dir / B.STEP_MODEL, threads, self.providers, profile_prefix)
+        self._eval: Optional[ort.InferenceSession] = None
+        self.lr = 0.0
+        self.reset_grad()
+
+    # -- steps ------------------------------------------------------------------
+    def _feeds(self, batch: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
+        feeds = {n: np.ascontiguousarray(a) for n, a in zip(self.data_names, batch)}
+        feeds.update(self.state.params)
+        return feeds
+
+    def train_step(self, batch: Sequence[np.ndarray]) -> Tuple[float, np.ndarray]:
+        """Forward + backward on one micro-batch; its gradients are added to the accumulator,
+        weighted by its size (so the update uses the mean gradient of the effective batch)."""
+        out = self.session.run(None, self._feeds(batch))
+        n = len(batch[-1])
+        for name, g in zip(self.names, out[2:]):
+            self._grad_sum[name] += np.float32(n) * g
+        self._grad_count += n
+        return float(out[0]), out[1]
+
+    def reset_grad(self) -> None:
+        self._grad_sum = {n: np.zeros_like(a) for n, a in self.state.params.items()}
+        self._grad_count = 0
+
+    def optimizer_step(self) -> None:
+        if not self._grad_count:
+            return
+        grads = {n: g / np.float32(self._grad_count) for n, g in self._grad_sum.items()}
+        self.state.updates += 1
+        self.optimizer.step(self.state.params, grads, self.state.m, self.state.v, self.state.updates, self.lr)
+        self.reset_grad()
+
+    def eval_step(self, batch: Sequence[np.ndarray]) -> Tuple[float, np.ndarray]:
+        if self._eval is None:
+            self._eval = open_session(self.dir / B.EVAL_MODEL, self.threads, self.providers)
+        loss, logits = self._eval.run(None, self._feeds(batch))[:2]
+        return float(loss), logits
+
+    def close_eval(self) -> None:
+        """Release the eval session (its memory) until the next eval."""
+        self._eval = None
