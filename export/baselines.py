@@ -36,7 +36,7 @@ from onnx import helper, numpy_helper
 
 from taskedge.runtime import bundle as B
 
-from .exporter import _artifacts
+from .exporter import generate_ort_artifacts
 from .layers import count_weights, find_weight_ops, node_attr
 from .rewrite import HEAD_BIAS, HEAD_WEIGHT, add_head, prepare_for_training
 
@@ -145,7 +145,7 @@ def add_lora(model: onnx.ModelProto, rank: int = 8, alpha: float = 16.0, seed: i
 def _write(model: onnx.ModelProto, base: onnx.ModelProto, trainable: List[str], out: Path, info: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     prepare_for_training(model)
-    _artifacts(model, trainable, out)
+    generate_ort_artifacts(model, trainable, out)
     onnx.save(base, str(out / B.BASE_MODEL))
     info = {**info, "trainable": trainable,
             "trainable_params": int(sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.name in set(trainable)))}

@@ -201,9 +201,10 @@ def _num_classes(model: onnx.ModelProto) -> int:
     return int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") else 0
 
 
-def _artifacts(model: onnx.ModelProto, trainable: List[str]):
-    """ORT's gradient builder (host only): the training graph (forward + backward + loss) and the
-    eval graph, with only `trainable` differentiated. Returns (training, eval) models."""
+def generate_ort_artifacts(model: onnx.ModelProto, trainable: List[str], folder) -> None:
+    """ORT's gradient builder (host only): writes training_model.onnx, eval_model.onnx,
+    optimizer_model.onnx and checkpoint into `folder` with only `trainable` differentiated.
+    The bench's ORT-training peers run these files as they are; the exporter lowers them."""
     import onnxruntime
     from onnxruntime.training import artifacts
 
@@ -211,11 +212,17 @@ def _artifacts(model: onnx.ModelProto, trainable: List[str]):
     frozen = sorted(inits - set(trainable))
     onnxruntime.set_default_logger_severity(3)
     logging.getLogger().setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory() as folder, _quiet_native_stderr():   # the builder logs at INFO level
+    with _quiet_native_stderr():   # the builder logs every graph transformer at INFO level
         artifacts.generate_artifacts(
             model, requires_grad=trainable, frozen_params=frozen,
             loss=artifacts.LossType.CrossEntropyLoss, optimizer=artifacts.OptimType.AdamW,
-            artifact_directory=folder, additional_output_names=[model.graph.output[0].name])
+            artifact_directory=str(folder), additional_output_names=[model.graph.output[0].name])
+
+
+def _artifacts(model: onnx.ModelProto, trainable: List[str]):
+    """The training graph (forward + backward + loss) and the eval graph from ORT's builder."""
+    with tempfile.TemporaryDirectory() as folder:
+        generate_ort_artifacts(model, trainable, folder)
         return onnx.load(os.path.join(folder, "training_model.onnx")), \
             onnx.load(os.path.join(folder, "eval_model.onnx"))
 

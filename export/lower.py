@@ -26,7 +26,7 @@ ConvGrad(dy, x, w)                    dx: ConvTranspose(dy, w) cropped to x's sh
                                       dw: per kernel offset, the strided slice of padded x times dy (grouped
                                       GEMMs); db: sum(dy). TaskEdge layers never ask for dw (backward.py).
 GatherElementsGrad(dy, shape, i)      ScatterElements(zeros(shape), i, dy, reduction=add)
-GatherGrad(shape, i, dy; axis=0)      ScatterND(zeros(shape), i[..., None], dy, reduction=add)
+GatherGrad(shape, i, dy; axis)       ScatterND(zeros, i[..., None], dy, reduction=add), axis moved to the front
 SliceGrad(dy, shape, st, en, ax)      Pad(dy) with the clamped starts/ends (unit steps)
 """
 from __future__ import annotations
@@ -67,12 +67,14 @@ class Context:
     def __init__(self, model: onnx.ModelProto):
         self.used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
         self.rank: Dict[str, int] = {}
+        self.shape: Dict[str, list] = {}           # static dims where known (None for a symbolic one)
         try:
             inferred = shape_inference.infer_shapes(model, strict_mode=False)
             for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
                 tt = vi.type.tensor_type
                 if tt.HasField("shape"):
                     self.rank[vi.name] = len(tt.shape.dim)
+                    self.shape[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
         except Exception:  # noqa: BLE001 - ranks are a convenience; lowerings that need one say so
             pass
         for t in model.graph.initializer:
@@ -164,7 +166,7 @@ def _bias_gelu(e, node, ctx):
     _gelu_grad(e, node.input[0], e("Add", [node.input[1], node.input[2]]), node.output[0])
 
 
-@lowering("FastGeluGrad")
+@lowering("FastGeluGrad", "BiasFastGeluGrad_dX")
 def _fast_gelu(e, node, ctx):
     dy, x = node.input[0], node.input[1]
     if _in(node, 2):
@@ -213,7 +215,7 @@ def _log_softmax(e, node, ctx):
     e("Sub", [dy, e("Mul", [e("Exp", [y]), s])], node.output[0])
 
 
-@lowering("SoftmaxCrossEntropyLossGrad", "SoftmaxCrossEntropyLossInternalGrad")
+@lowering("SoftmaxCrossEntropyLossGrad")
 def _sce_grad(e, node, ctx):
     """dlogits for ONNX SoftmaxCrossEntropyLoss: (softmax - onehot) scaled by the reduction."""
     dloss, log_prob, labels = node.input[0], node.input[1], node.input[2]
@@ -221,9 +223,6 @@ def _sce_grad(e, node, ctx):
     reduction = node_attr(node, "reduction", b"mean")
     reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
     ignore = node_attr(node, "ignore_index", None)
-    if node.op_type.endswith("InternalGrad") and _in(node, 4):
-        raise UserError(f"{node.op_type} {node.name}: ignore_index as an input has no lowering; "
-                        "use the loss's ignore_index attribute")
     labels64 = e("Cast", [labels], to=onnx.TensorProto.INT64)
     mask = None
     if ignore is not None:
@@ -323,7 +322,8 @@ def _conv_weight_grad(e, node, dy, x, w, kernel, strides, dilations, pads, group
     g = e.c([group])
     n_o = e("Slice", [dy_shape, e.c([0]), e.c([2])])                           # [N, O]
     dy4 = e("Reshape", [dy, e("Concat", [n_o, e.c([-1])], axis=0)])            # [N, O, P]
-    dyg = e("Reshape", [dy4, e("Concat", [e.c([0]), g, e.c([-1, 0])], axis=0)])   # [N, G, Og, P]
+    p_dim = e("Slice", [e("Shape", [dy4]), e.c([2]), e.c([3])])
+    dyg = e("Reshape", [dy4, e("Concat", [e.c([0]), g, e.c([-1]), p_dim], axis=0)])   # [N, G, Og, P]
     dyg = e("Transpose", [dyg], perm=[1, 2, 0, 3])                             # [G, Og, N, P]
     dyg = e("Reshape", [dyg, e("Concat", [g, e.c([0]), e.c([-1])], axis=0)])   # [G, Og, N*P]
     cols = []
@@ -352,14 +352,24 @@ def _gather_elements_grad(e, node, ctx):
 
 @lowering("GatherGrad")
 def _gather_grad(e, node, ctx):
+    """Scatter-add dy back along `axis`: move that axis (and dy's index dims) to the front, ScatterND
+    with reduction=add into zeros, move it back."""
     shape, idx, dy = node.input[0], node.input[1], node.input[2]
-    axis = int(node_attr(node, "axis", 0))
-    zeros = e("ConstantOfShape", [shape], value=helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0]))
-    if axis != 0:
-        raise UserError(f"GatherGrad {node.name}: axis {axis} has no lowering (axis 0 only); use the scatter "
-                        "formulation (--formulation OP=scatter)")
+    r_dy, r_idx = ctx.rank_of(dy, node), ctx.rank_of(idx, node)
+    rank = r_dy - r_idx + 1
+    axis = int(node_attr(node, "axis", 0)) % rank
     idx64 = e("Cast", [idx], to=onnx.TensorProto.INT64)
-    e("ScatterND", [zeros, e("Unsqueeze", [idx64, e.c([-1])]), dy], node.output[0], reduction="add")
+    idx64 = e("Where", [e("Less", [idx64, e.c(0)]), e("Add", [idx64, e("Gather", [shape, e.c(axis)])]), idx64])
+    perm_x = [axis] + [i for i in range(rank) if i != axis]
+    index_dims = list(range(axis, axis + r_idx))
+    perm_dy = index_dims + [i for i in range(r_dy) if i not in index_dims]
+    dy_t = e("Transpose", [dy], perm=perm_dy) if perm_dy != list(range(r_dy)) else dy
+    zeros = e("ConstantOfShape", [e("Gather", [shape, e.c(perm_x)]) if axis else shape],
+              value=helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0]))
+    out = node.output[0] if not axis else None
+    dx = e("ScatterND", [zeros, e("Unsqueeze", [idx64, e.c([-1])]), dy_t], out, reduction="add")
+    if axis:
+        e("Transpose", [dx], node.output[0], perm=[perm_x.index(i) for i in range(rank)])
 
 
 @lowering("SliceGrad")
@@ -389,12 +399,117 @@ def _slice_grad(e, node, ctx):
     e("Pad", [dy, pads], node.output[0])
 
 
+@lowering("ReduceSumTraining")
+def _reduce_sum_training(e, node, ctx):
+    e("ReduceSum", list(node.input), node.output[0], keepdims=int(node_attr(node, "keepdims", 1)),
+      noop_with_empty_axes=int(node_attr(node, "noop_with_empty_axes", 0)))
+
+
+def _padded_shape(e: Emitter, shape: str, rank: str) -> str:
+    """`shape` with leading 1s up to length `rank` (both int64 tensors)."""
+    ones = e("ConstantOfShape", [e("Sub", [rank, e("Shape", [shape])])],
+             value=helper.make_tensor("one", onnx.TensorProto.INT64, [1], [1]))
+    return e("Concat", [ones, shape], axis=0)
+
+
+@lowering("BroadcastGradientArgs")
+def _broadcast_gradient_args(e, node, ctx):
+    """The axes along which each operand was broadcast (right-aligned shapes; a 1 against a non-1)."""
+    a, b = node.input[0], node.input[1]
+    rank = e("Max", [e("Shape", [a]), e("Shape", [b])])
+    pa, pb = _padded_shape(e, a, rank), _padded_shape(e, b, rank)
+    for i, (mine, other) in enumerate(((pa, pb), (pb, pa))):
+        if _out(node, i):
+            mask = e("And", [e("Equal", [mine, e.c(1)]), e("Not", [e("Equal", [other, e.c(1)])])])
+            e("Reshape", [e("NonZero", [mask]), e.c([-1])], node.output[i])
+
+
+def _sum_to(e: Emitter, t: str, like: str, out: str) -> str:
+    """Reduce a broadcast result `t` back to the shape of `like` (sum over the broadcast axes)."""
+    target = e("Shape", [like])
+    padded = _padded_shape(e, target, e("Shape", [e("Shape", [t])]))
+    mask = e("And", [e("Equal", [padded, e.c(1)]), e("Not", [e("Equal", [e("Shape", [t]), e.c(1)])])])
+    axes = e("Reshape", [e("NonZero", [mask]), e.c([-1])])
+    summed = e("ReduceSum", [t, axes], keepdims=1, noop_with_empty_axes=1)
+    return e("Reshape", [summed, target], out)
+
+
+@lowering("DivGrad")
+def _div_grad(e, node, ctx):
+    dy, a, b = node.input[0], node.input[1], node.input[2]
+    if _out(node, 0):
+        _sum_to(e, e("Div", [dy, b]), a, node.output[0])
+    if _out(node, 1):
+        _sum_to(e, e("Neg", [e("Div", [e("Mul", [dy, a]), e("Mul", [b, b])])]), b, node.output[1])
+
+
+@lowering("DropoutGrad")
+def _dropout_grad(e, node, ctx):
+    dy, mask = node.input[0], node.input[1]
+    ratio = _in(node, 2)
+    keep = e("Sub", [_f(e, 1.0), e("CastLike", [ratio, dy])]) if ratio else _f(e, 0.5)
+    e("Where", [mask, e("Div", [dy, keep]), _f(e, 0.0)], node.output[0])
+
+
+@lowering("LeakyReluGrad")
+def _leaky_relu(e, node, ctx):
+    dy, y = node.input[0], node.input[1]
+    alpha = float(node_attr(node, "alpha", 0.01))
+    e("Where", [e("Greater", [y, _f(e, 0.0)]), dy, e("Mul", [dy, _f(e, alpha)])], node.output[0])
+
+
+@lowering("SplitTraining")
+def _split_training(e, node, ctx):
+    outs = list(node.output)
+    e.nodes.append(helper.make_node("Split", list(node.input[:2]), outs, name=f"{e.prefix}/Split",
+                                    axis=int(node_attr(node, "axis", 0))))
+
+
+@lowering("MaxPoolGrad")
+def _max_pool_grad(e, node, ctx):
+    """Scatter-add dy at MaxPool's flat N*C*H*W indices into zeros of the input's (static) shape."""
+    dy, idx = node.input[0], node.input[1]
+    shape = ctx.shape.get(node.output[0])
+    if not shape or any(d is None for d in shape[1:]):
+        raise UserError(f"MaxPoolGrad {node.name}: the pooled input's shape is not static; cannot lower it")
+    dims = e("Concat", [e("Slice", [e("Shape", [dy]), e.c([0]), e.c([1])]), e.c(shape[1:])], axis=0)
+    flat = e("ConstantOfShape", [e("ReduceProd", [dims], keepdims=1)],
+             value=helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0]))
+    dx = e("ScatterElements", [flat, e("Reshape", [idx, e.c([-1])]), e("Reshape", [dy, e.c([-1])])],
+           axis=0, reduction="add")
+    e("Reshape", [dx, dims], node.output[0])
+
+
+@lowering("BatchNormalizationGrad")
+def _batch_norm_grad(e, node, ctx):
+    """(dy, x, scale, saved_mean, saved_inv_std) -> dx, dscale, dbias over N and the spatial axes."""
+    dy, x, scale, mean, inv = node.input[:5]
+    rank = ctx.rank_of(x, node)
+    axes = [0] + list(range(2, rank))
+    bshape = e.c([1, -1] + [1] * (rank - 2))
+    xh = e("Mul", [e("Sub", [x, e("Reshape", [mean, bshape])]), e("Reshape", [inv, bshape])])
+    dbias = _reduce(e, "ReduceSum", dy, axes, keepdims=0, out=_out(node, 2))
+    dscale = _reduce(e, "ReduceSum", e("Mul", [dy, xh]), axes, keepdims=0, out=_out(node, 1))
+    if _out(node, 0):
+        count = e("CastLike", [e("Div", [e("Size", [x]), e("Gather", [e("Shape", [x]), e.c(1)])]), dy])
+        inner = e("Sub", [e("Sub", [e("Mul", [dy, count]), e("Reshape", [dbias, bshape])]),
+                          e("Mul", [xh, e("Reshape", [dscale, bshape])])])
+        k = e("Div", [e("Mul", [e("Reshape", [scale, bshape]), e("Reshape", [inv, bshape])]), count])
+        e("Mul", [k, inner], node.output[0])
+
+
+def runs_on_plain_ort(node: onnx.NodeProto) -> bool:
+    """A standard ONNX op (ORT's training build also registers MaxPoolGrad etc. in the default
+    domain: those are not in the ONNX standard) or a contrib op of every onnxruntime build."""
+    if node.domain in STANDARD_DOMAINS:
+        return onnx.defs.has(node.op_type)
+    return node.domain == MS and node.op_type in KEPT_CONTRIB
+
+
 def lower(model: onnx.ModelProto) -> Dict[str, int]:
     """Replace every training-only op in place; returns {op: count}. Unknown non-standard ops
     are an error naming them (nothing is half-lowered: the model is only changed on success)."""
-    unknown = sorted({n.op_type for n in model.graph.node
-                      if n.domain not in STANDARD_DOMAINS and n.op_type not in LOWERINGS
-                      and not (n.domain == MS and n.op_type in KEPT_CONTRIB)})
+    unknown = sorted({n.op_type for n in model.graph.node if not runs_on_plain_ort(n) and n.op_type not in LOWERINGS})
     if unknown:
         raise UserError(f"the training graph uses {', '.join(unknown)}, which plain onnxruntime lacks and "
                         f"TaskEdge cannot lower yet (lowered: {', '.join(sorted(LOWERINGS))}); "
@@ -403,7 +518,7 @@ def lower(model: onnx.ModelProto) -> Dict[str, int]:
     edit = GraphEdit(model)
     counts: Dict[str, int] = {}
     for node in list(model.graph.node):
-        if node.domain in STANDARD_DOMAINS or node.op_type not in LOWERINGS:
+        if runs_on_plain_ort(node):
             continue
         e = Emitter(edit, f"{node.name or node.output[0]}/lowered")
         LOWERINGS[node.op_type](e, node, ctx)

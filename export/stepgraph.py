@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from taskedge.runtime.bundle import WEIGHTS, WeightEntry
 
 from .graphedit import GraphEdit
-from .lower import KEPT_CONTRIB, MS, lower
+from .lower import MS, lower, runs_on_plain_ort
 
 ALIGN = 4096
 INLINE_MAX_BYTES = 1024            # smaller constants stay in the graph file
@@ -78,8 +78,7 @@ def step_graph(training: onnx.ModelProto, data_inputs: List[str], trainable: Lis
     _feed_frozen(training, list(data_inputs) + list(trainable), values)
     counts = lower(training)
     _clean_opsets(training)
-    leftover = sorted({n.op_type for n in g.node if n.domain not in ("", "ai.onnx")
-                       and not (n.domain == MS and n.op_type in KEPT_CONTRIB)})
+    leftover = sorted({n.op_type for n in g.node if not runs_on_plain_ort(n)})
     if leftover:
         raise ValueError(f"step graph: non-standard ops left after lowering: {leftover}")
     return counts
@@ -101,6 +100,7 @@ def store_weights(models: List[onnx.ModelProto], folder: Path, everything_of: on
     `everything_of` (the base graph: merge rebuilds it from this file) and the larger ones of the
     others. A tensor that several graphs hold under one name is written once. Returns the index."""
     chosen: Dict[str, onnx.TensorProto] = {}
+    base_names = {t.name for t in everything_of.graph.initializer}
     for model in models:
         for t in model.graph.initializer:
             raw = numpy_helper.to_array(t)
@@ -119,7 +119,7 @@ def store_weights(models: List[onnx.ModelProto], folder: Path, everything_of: on
             pad = (-f.tell()) % ALIGN
             f.write(b"\0" * pad)
             entry = WeightEntry(name=name, dtype=a.dtype.name, shape=list(a.shape), offset=f.tell(),
-                                nbytes=int(a.nbytes))
+                                nbytes=int(a.nbytes), base=name in base_names)
             f.write(a.tobytes())
             index.append(entry)
             offsets[name] = entry

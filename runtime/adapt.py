@@ -1,7 +1,7 @@
 """The on-device adaptation loop.
 
-plan the micro-batch under the memory budget -> sparse steps with ORT's training API
-(metering energy and memory) -> periodic eval and atomic checkpoints -> stop at the
+plan the micro-batch under the memory budget -> sparse steps on plain onnxruntime (the bundle's
+standard-ONNX step graph; AdamW on the trainable state in numpy), metering energy and memory -> periodic eval and atomic checkpoints -> stop at the
 step/time/energy budget -> final checkpoint, update.npz and a report.
 
 Robustness (power loss, divergence, memory pressure) lives here too: the data order is
@@ -28,7 +28,7 @@ from . import bundle as B
 from .checkpoints import CheckpointStore
 from .data import Dataset, load_dataset, split
 from .fsutil import UserError, atomic_path
-from .ort_train import Checkpoint, Trainer
+from .trainer import Trainer, TrainState
 from .profiles import load_profile
 from .telemetry import MemorySampler, make_power_meter
 
@@ -105,6 +105,7 @@ def accuracy(trainer: Trainer, ds: Dataset, batch: int) -> float:
     for idx in ds.batches(batch):
         logits = trainer.eval_step(ds.batch(idx))[1]
         correct += int((logits.argmax(-1) == ds.labels[idx]).sum())
+    trainer.close_eval()                  # the eval session's memory is not held during training
     return correct / max(1, len(ds))
 
 
@@ -164,14 +165,22 @@ class Session:
         self.control = Path(opts.control_file) if opts.control_file else self.store.dir / "control.json"
         self._control_mtime = None
         self.state: Dict[str, object] = {}
+        self.model_bytes = int(self.manifest.files[B.WEIGHTS]["bytes"])     # the frozen weights
 
     # -- setup ----------------------------------------------------------------
-    def _open(self, ckpt_path: Path) -> None:
-        self.checkpoint = Checkpoint(ckpt_path)
-        self.trainer = Trainer(self.dir / B.TRAINING_MODEL, self.dir / B.EVAL_MODEL, self.dir / B.OPTIMIZER_MODEL,
-                               self.checkpoint, device=self.opts.device, threads=self.opts.threads)
+    def _open(self, ckpt_path: Optional[Path]) -> None:
+        """Load the trainable state of a checkpoint (None: the bundle's initial state); the
+        onnxruntime session is created once and kept."""
+        state = TrainState.initial(self.dir, self.manifest) if ckpt_path is None else \
+            TrainState.from_file(ckpt_path, self.manifest.trainable_names)
+        if getattr(self, "trainer", None) is None:
+            self.trainer = Trainer(self.dir, self.manifest, state, device=self.opts.device, threads=self.opts.threads,
+                                   providers=self.profile.execution_providers)
+        else:
+            self.trainer.state = state
+            self.trainer.reset_grad()
 
-    def _start_point(self) -> Path:
+    def _start_point(self) -> Optional[Path]:
         if self.opts.resume:
             found = self.store.latest(warn=self.log)
             self.resume_info = {"from": None, "skipped_bad_checkpoints": list(self.store.skipped)}
@@ -187,7 +196,7 @@ class Session:
                 raise UserError(f"{self.store.dir} already holds checkpoints; pass --resume to continue them "
                                 "or --fresh to start over")
             self.store.clear()
-        return self.dir / B.CHECKPOINT
+        return None
 
     def plan_batch(self, effective: int) -> Dict[str, object]:
         """Measure the peak RSS of a train step at micro-batch 1 and 4 (gradients are reset
@@ -195,7 +204,7 @@ class Session:
         def peak_of(b: int) -> float:
             self.sampler.reset()
             self.trainer.train_step(self.train_ds.batch(np.arange(min(b, len(self.train_ds)))))
-            self.trainer.module.lazy_reset_grad()
+            self.trainer.reset_grad()
             return self.sampler.peak_mb()
 
         peak_of(1)                                   # warm-up: the first run allocates kernels and caches
@@ -277,17 +286,17 @@ class Session:
                 loss_sum = 0.0
                 for j in range(0, len(idx), self.micro):
                     part = idx[j:j + self.micro]
-                    loss_sum += float(self.trainer.train_step(self.train_ds.batch(part))[0]) * len(part)
+                    loss_sum += self.trainer.train_step(self.train_ds.batch(part))[0] * len(part)
                 return loss_sum / len(idx)
             except Exception as e:  # ORT raises RuntimeException (a RuntimeError subclass) on allocation failure
                 if not _is_alloc_failure(e):
                     raise
-                self.trainer.module.lazy_reset_grad()
+                self.trainer.reset_grad()
                 if not self._step_down(f"allocation failed at step {self.step} ({str(e)[:80]})"):
                     raise UserError(f"allocation failed even at micro-batch 1: {e}") from None
 
     def _update_finite(self) -> bool:
-        return all(np.isfinite(self.checkpoint.get(n)).all() for n in self.manifest.trainable_names)
+        return self.trainer.state.finite()
 
     def _culprits(self, idx: np.ndarray) -> List[int]:
         """Records of the batch whose loss is NaN/Inf on their own (the state is still the last good one:
@@ -315,15 +324,16 @@ class Session:
             self._exclude([int(self._positions[i]) for i in culprits])
         self.divergences.append(entry)
         found = self.store.latest(warn=self.log)
-        path, state = found if found else (self.dir / B.CHECKPOINT, {"step": 0})
+        path, state = found if found else (None, {"step": 0})
         self._open(path)                        # never keep (or checkpoint) a diverged state
+        where = path.name if path else "the bundle's initial state"
         self._saved_at = None
         self.step = int(state["step"])
         self.losses = list(state.get("losses", []))[: self.step]
         self.evals = [e for e in self.evals if e[0] <= self.step]
         if culprits and self.opts.skip_bad:
             self.log(f"{why} at step {entry['step']}: dropped {len(culprits)} bad record(s) ({', '.join(named)}); "
-                     f"rolled back to {path.name}")
+                     f"rolled back to {where}")
             return True
         tries = sum(1 for d in self.divergences if "excluded" not in d)
         if tries > MAX_DIVERGENCE_RETRIES:
@@ -331,12 +341,12 @@ class Session:
                     if named else "lower --lr (the update overflows) or check the data for extreme values")
             self.stop_message = (f"training diverged {tries} times ({why} at step {entry['step']}); "
                                  f"{MAX_DIVERGENCE_RETRIES} rollbacks with a halved learning rate did not help; "
-                                 f"stopped at the last good state: step {self.step} ({path.name}). {hint}")
+                                 f"stopped at the last good state: step {self.step} ({where}). {hint}")
             self.log(self.stop_message)
             return False
         self.lr_scale *= 0.5
         self.log(f"{why} at step {entry['step']}" + (f" (bad records: {', '.join(named)})" if named else "")
-                 + f": rolled back to {path.name} (step {self.step}), learning rate x{self.lr_scale:g}")
+                 + f": rolled back to {where} (step {self.step}), learning rate x{self.lr_scale:g}")
         return True
 
     # --resume must see the same data (else it silently trains on another set or order) ...
@@ -448,12 +458,12 @@ class Session:
             idx = batch_indices(self.step, len(self.train_ds), effective, opts.seed)
             loss = self._train_step(idx)
             if not math.isfinite(loss):
-                self.trainer.module.lazy_reset_grad()
+                self.trainer.reset_grad()
                 stop = None if self._rollback(f"loss is {loss}", self._culprits(idx)) else "diverged"
                 continue
             ref = float(np.median(self.losses[:10])) if self.losses else None
             if ref is not None and loss > EXPLODED_FACTOR * max(ref, 1e-3):
-                self.trainer.module.lazy_reset_grad()
+                self.trainer.reset_grad()
                 stop = None if self._rollback(f"loss exploded to {loss:.4g} (early loss {ref:.4g})") else "diverged"
                 continue
             self.trainer.lr = self.lr_scale * lr_at(self.step, total or 10 ** 9, base_lr, opts.schedule,
@@ -476,7 +486,7 @@ class Session:
             if opts.eval_every and self.step % opts.eval_every == 0:
                 self.evals.append([self.step, round(accuracy(self.trainer, self.eval_ds, eval_batch), 6)])
             if opts.checkpoint_every and self.step % opts.checkpoint_every == 0:
-                self.store.save(self.checkpoint, self.snapshot(), self.step)
+                self.store.save(self.trainer.state, self.snapshot(), self.step)
                 self._saved_at = self.step
         self.meter.tick()
         progress(self.step, self.losses[-1] if self.losses else float("nan"),
@@ -485,8 +495,8 @@ class Session:
         if self._saved_at == self.step:       # nothing changed since the last checkpoint: don't rewrite it
             ckpt = self.store.path(self.step)
         else:
-            ckpt = self.store.save(self.checkpoint, self.snapshot(), self.step)
-        update_path = write_update(self.checkpoint, self.manifest, self.store.dir / "update.npz")
+            ckpt = self.store.save(self.trainer.state, self.snapshot(), self.step)
+        update_path = write_update(self.trainer.state, self.manifest, self.store.dir / "update.npz")
         acc_after = accuracy(self.trainer, self.eval_ds, eval_batch)
         peak = self.sampler.stop()
         self.log(f"stopped ({stop}) at step {self.step}; accuracy {self.acc_before:.4f} -> {acc_after:.4f}; "
@@ -518,7 +528,11 @@ class Session:
             "resume": self.resume_info, "excluded_records": len(self.excluded),
             "skipped_records": self.train_ds.skipped + self.eval_ds.skipped,
             "trainable": {"update": m.update_params, "head": m.head_params, "share_of_weights": m.update_share},
-            "checkpoint": str(ckpt), "update": str(update_path), "update_bytes": update_path.stat().st_size,
+            "checkpoint": str(ckpt), "checkpoint_bytes": ckpt.stat().st_size,
+            "checkpoint_write_seconds": (self.store.last_write or {}).get("seconds"),
+            "checkpoint_share_of_model": round(ckpt.stat().st_size / max(1, self.model_bytes), 6),
+            "update": str(update_path), "update_bytes": update_path.stat().st_size,
+            "runtime": {"onnxruntime": self.trainer.ort_version, "providers": self.trainer.providers},
         }
 
 
@@ -526,9 +540,9 @@ def adapt(bundle_dir, opts: AdaptOptions, log: Optional[Callable[[str], None]] =
     return Session(bundle_dir, opts, log).run()
 
 
-def write_update(checkpoint: Checkpoint, manifest: B.Manifest, path: Path) -> Path:
+def write_update(state: TrainState, manifest: B.Manifest, path: Path) -> Path:
     """The trained tensors only (deltas / LoRA factors / head): what `merge` folds into the base model."""
-    arrays = {name: checkpoint.get(name) for name in manifest.trainable_names}
+    arrays = {name: state.params[name] for name in manifest.trainable_names}
     try:
         with atomic_path(path, suffix=".npz") as tmp:
             with open(tmp, "wb") as f:

@@ -67,6 +67,7 @@ class WeightEntry:
     shape: List[int]
     offset: int
     nbytes: int
+    base: bool = False              # an initializer of base_model.onnx (merge rebuilds the model from these)
 
 
 @dataclass

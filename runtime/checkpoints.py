@@ -1,7 +1,8 @@
 """Training checkpoints that survive power loss.
 
 A checkpoint is two files in the run folder:
-    ckpt-00000120        ORT checkpoint (parameters + AdamW state), written atomically
+    ckpt-00000120        the trainable state only (an .npz: trainable tensors, AdamW moments, update
+                         count; KB to MB, never the frozen weights), written atomically
     ckpt-00000120.json   commit record: sha256 of the checkpoint + the loop state, written last
 A checkpoint without its commit record, or whose hash does not match, is ignored
 (the previous one is used). The newest `keep` *good* checkpoints are kept: a torn or
@@ -20,11 +21,13 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .fsutil import UserError, atomic_write_json, clean_temp_files, fault_delay, fsync_dir, sha256_file
-from .ort_train import Checkpoint
+from .fsutil import (UserError, atomic_write_bytes, atomic_write_json, clean_temp_files, fault_delay, fsync_dir,
+                     sha256_file)
+from .trainer import TrainState
 
 _NAME = re.compile(r"^ckpt-(\d{8})$")
 _RECORD = re.compile(r"^ckpt-(\d{8})\.json$")
@@ -38,6 +41,7 @@ class CheckpointStore:
         self.skipped: List[str] = []              # bad checkpoints passed over by the last `latest()`
         self._verified: Dict[str, tuple] = {}     # name -> (size, mtime_ns) of data known to match its record
         self._lock_fd: Optional[int] = None
+        self.last_write: Optional[dict] = None     # bytes and seconds of the newest checkpoint written
 
     # -- names ----------------------------------------------------------------
     def _scan(self, pattern: "re.Pattern") -> List[int]:
@@ -95,7 +99,7 @@ class CheckpointStore:
         return clean_temp_files(self.dir)
 
     # -- write ------------------------------------------------------------------
-    def save(self, checkpoint: Checkpoint, state: dict, step: int) -> Path:
+    def save(self, train_state: TrainState, state: dict, step: int) -> Path:
         path = self.path(step)
         record = self.record_path(path)
         try:
@@ -104,15 +108,13 @@ class CheckpointStore:
                 record.unlink()
                 fsync_dir(self.dir)
             self._verified.pop(path.name, None)
-            checkpoint.save(path, include_optimizer_state=True)
+            t0 = time.perf_counter()
+            atomic_write_bytes(path, train_state.to_bytes())
             fault_delay(path.name)               # test-only hook (no-op unless TASKEDGE_FAULT_DELAY_CKPT is set)
             atomic_write_json(record, {"sha256": sha256_file(path), "step": step, "state": state})
-        except Exception as e:                   # OSError, or ORT's own error when its write fails (disk full)
-            if isinstance(e, OSError) and e.strerror:
-                why = e.strerror
-            else:                                # ORT: a multi-line message ending in "error:<strerror> errno:N"
-                why = " ".join(str(e).split())
-                why = why.rsplit("error:", 1)[1].strip() if "error:" in why else f"{type(e).__name__}: {why}"
+            self.last_write = {"bytes": path.stat().st_size, "seconds": round(time.perf_counter() - t0, 4)}
+        except OSError as e:
+            why = e.strerror or f"{type(e).__name__}: {e}"
             good = self.latest(warn=lambda m: None)
             prev = f"the previous checkpoint {good[0]} is intact" if good else "no earlier checkpoint exists"
             raise UserError(f"cannot write checkpoint {path}: {why}; {prev} "

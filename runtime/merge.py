@@ -1,16 +1,24 @@
-"""Fold a trained sparse update into the base weights: a plain inference model."""
+"""Fold a trained sparse update into the base weights: a plain inference model.
+
+Runs on the board without the `onnx` package: the base graph's structure is copied as it is
+(its initializers dropped) and every weight is appended from weights.bin, the selected ones
+with the update added (onnx_wire.py).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
 from . import bundle as B
+from . import onnx_wire
 from .checkpoints import CheckpointStore
 from .fsutil import UserError, atomic_path
+from .trainer import TrainState
+
+# Above this, the merged weights go to `<out>.data` beside the model (protobuf's 2 GB limit).
+INLINE_LIMIT = 1 << 30
 
 
 def load_update(bundle_dir: Path, manifest: B.Manifest, update: Optional[str] = None,
@@ -22,9 +30,7 @@ def load_update(bundle_dir: Path, manifest: B.Manifest, update: Optional[str] = 
         if found is None:
             raise UserError(f"no trained update: {store.dir} has no checkpoint; run `taskedge adapt` first "
                             "or pass --update update.npz")
-        from .ort_train import Checkpoint
-        ckpt = Checkpoint(found[0])
-        return {n: ckpt.get(n) for n in manifest.trainable_names}
+        return TrainState.from_file(found[0], manifest.trainable_names).params
     try:
         with np.load(update, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -44,19 +50,26 @@ def dense_delta(layer: B.LayerAllocation, params: Dict[str, np.ndarray], idx: np
     return params[layer.params[0]]
 
 
-def merged_weights(manifest: B.Manifest, base: onnx.ModelProto, alloc: Dict[str, np.ndarray],
+def read_weight(bundle_dir: Path, entry: B.WeightEntry) -> np.ndarray:
+    count = int(np.prod(entry.shape)) if entry.shape else 1
+    a = np.fromfile(bundle_dir / B.WEIGHTS, dtype=np.dtype(entry.dtype).newbyteorder("<"), count=count,
+                    offset=entry.offset)
+    return a.astype(entry.dtype).reshape(entry.shape)
+
+
+def merged_weights(manifest: B.Manifest, weights: Dict[str, np.ndarray], alloc: Dict[str, np.ndarray],
                    params: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    inits = {t.name: t for t in base.graph.initializer}
+    """The weights the update changes: each selected weight plus its delta, and the trained head."""
     out = {}
     for layer in manifest.layers:
-        w = numpy_helper.to_array(inits[layer.weight]).astype(np.float32, copy=True)
+        w = weights[layer.weight].astype(np.float32, copy=True)
         rows = w.reshape(w.shape[0], -1) if layer.op == "Conv" else (w if layer.row_axis == 0 else w.T)
         idx = alloc[layer.weight].astype(np.int64)
         rows[np.arange(layer.rows)[:, None], idx] += dense_delta(layer, params, idx)
         out[layer.weight] = w
     if manifest.head:
         for name in manifest.head["params"]:
-            out[name] = params[name]
+            out[name] = np.asarray(params[name], dtype=np.float32)
     return out
 
 
@@ -64,16 +77,25 @@ def merge(bundle_dir, out, update: Optional[str] = None, run_dir: Optional[str] 
     bundle_dir = Path(bundle_dir)
     manifest = B.load_bundle(bundle_dir)
     params = load_update(bundle_dir, manifest, update, run_dir)
-    base = onnx.load(str(bundle_dir / B.BASE_MODEL))
+    entries = [e for e in manifest.weights if e.base]
+    weights = {e.name: read_weight(bundle_dir, e) for e in entries}
     with np.load(bundle_dir / B.ALLOCATION, allow_pickle=False) as z:
         alloc = {k: z[k] for k in z.files}
-    new = merged_weights(manifest, base, alloc, params)
-    for t in base.graph.initializer:
-        if t.name in new:
-            t.CopyFrom(numpy_helper.from_array(new[t.name].astype(np.float32), t.name))
-    base.doc_string = f"TaskEdge merged model ({manifest.model_name}; update folded into the weights)"
+    weights.update(merged_weights(manifest, weights, alloc, params))
     out = Path(out)
+    external = sum(a.nbytes for a in weights.values()) > INLINE_LIMIT
+    data_path = out.with_name(out.name + ".data")
+    tensors = []
+    if external:
+        with atomic_path(data_path) as tmp, open(tmp, "wb") as f:
+            for name, a in weights.items():
+                f.write(b"\0" * ((-f.tell()) % 4096))
+                tensors.append(onnx_wire.tensor(name, a, external=(data_path.name, f.tell())))
+                f.write(np.ascontiguousarray(a).tobytes())
+    else:
+        tensors = [onnx_wire.tensor(name, a) for name, a in weights.items()]
+    skeleton = onnx_wire.strip_initializers((bundle_dir / B.BASE_MODEL).read_bytes())
     with atomic_path(out, suffix=".onnx") as tmp:
-        onnx.save(base, str(tmp))
+        tmp.write_bytes(onnx_wire.with_initializers(skeleton, tensors))
     return {"out": str(out), "bytes": out.stat().st_size, "layers_merged": len(manifest.layers),
-            "head": bool(manifest.head)}
+            "head": bool(manifest.head), "external_data": str(data_path) if external else None}

@@ -102,6 +102,7 @@ class Trainer:
                  threads: int = 0, providers: Optional[List[str]] = None, profile_prefix: Optional[str] = None):
         self.dir, self.manifest, self.state = Path(bundle_dir), manifest, state
         self.threads = threads
+        self.ort_version = ort.__version__
         self.providers = providers_for(device, providers)
         self.names = manifest.trainable_names
         self.data_names = [s.name for s in manifest.inputs] + [B.LABELS_INPUT]

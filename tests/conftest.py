@@ -30,6 +30,16 @@ def run_cli(*args, cwd=None, env=None, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def open_trainer(bundle, checkpoint=None):
+    """The runtime's Trainer on a bundle: its initial state, or a checkpoint's."""
+    from taskedge.runtime import bundle as B
+    from taskedge.runtime.trainer import Trainer, TrainState
+    man = B.load_bundle(bundle)
+    state = TrainState.initial(bundle, man) if checkpoint is None else \
+        TrainState.from_file(checkpoint, man.trainable_names)
+    return Trainer(bundle, man, state)
+
+
 def make_task(n=512, d=16, classes=3, seed=0):
     """A learnable 3-class problem on 16 features."""
     rng = np.random.default_rng(seed)

@@ -54,8 +54,7 @@ def test_floor_probe_reaches_the_first_layer(tmp_path):
     import onnx
     import torch
     from taskedge.export import baselines as BL
-    from taskedge.runtime import bundle as B
-    from taskedge.runtime.ort_train import Checkpoint, Trainer
+    from taskedge.tools.ort_training import open_artifacts
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
@@ -66,8 +65,7 @@ def test_floor_probe_reaches_the_first_layer(tmp_path):
     info = BL.build_floor(onnx.load(str(path)), 3, tmp_path / "floor")
     assert info["trainable"][0] == "taskedge_floor.bias" and info["trainable_params"] == 8 + 16 * 3 + 3
     out = tmp_path / "floor"
-    ck = Checkpoint(out / B.CHECKPOINT)
-    tr = Trainer(out / B.TRAINING_MODEL, out / B.EVAL_MODEL, out / B.OPTIMIZER_MODEL, ck)
+    ck, tr = open_artifacts(out)
     x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
     tr.train_step([x, np.array([0, 1, 2, 0])])
     tr.optimizer_step()

@@ -14,9 +14,8 @@ from taskedge.export.config import ExportConfig
 from taskedge.export.exporter import export_bundle
 from taskedge.export.layers import find_weight_ops
 from taskedge.runtime import bundle as B
-from taskedge.runtime.ort_train import Checkpoint, Trainer
 
-from conftest import make_task, run_cli
+from conftest import open_trainer, make_task, run_cli
 
 
 def test_importance_matches_numpy_on_a_real_layer(mlp_onnx, mlp_data):
@@ -67,15 +66,24 @@ def test_bad_nm_is_rejected(bad):
 
 
 def _train(bundle, x, y, steps=40):
-    ck = Checkpoint(bundle / B.CHECKPOINT)
-    tr = Trainer(bundle / B.TRAINING_MODEL, bundle / B.EVAL_MODEL, bundle / B.OPTIMIZER_MODEL, ck)
+    tr = open_trainer(bundle)
     tr.lr = 0.01
     losses = []
     for s in range(steps):
         i = np.arange(s * 32, s * 32 + 32) % len(x)
-        losses.append(float(tr.train_step([x[i], y[i]])[0]))
+        losses.append(tr.train_step([x[i], y[i]])[0])
         tr.optimizer_step()
-    return ck, tr, losses
+    return tr, losses
+
+
+def _standard_only(bundle):
+    """The step graph runs in plain onnxruntime: standard ops plus contrib ops of every build; the
+    trainable state is its input, the frozen weights are initializers stored once in weights.bin."""
+    from taskedge.export.lower import runs_on_plain_ort
+    step = onnx.load(str(bundle / B.STEP_MODEL), load_external_data=False)
+    odd = {n.op_type for n in step.graph.node if not runs_on_plain_ort(n)}
+    assert not odd, odd
+    return step
 
 
 @pytest.mark.parametrize("form", ["gather", "gather_rows", "gather_elements", "scatter"])
@@ -84,11 +92,12 @@ def test_small_model_trains_and_only_the_update_is_trainable(tmp_path, mlp_onnx,
     m = export_bundle(ExportConfig(model=str(mlp_onnx), out=str(out), calib=str(mlp_data / "train.npz"),
                                    budget=0.05, num_classes=3, formulation={"Gemm": form}), log=lambda s: None)
     x, y = make_task()
-    ck, tr, losses = _train(out, x, y)
+    tr, losses = _train(out, x, y)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05
-    trainable = {n for n in ck.names() if ck.requires_grad(n)}
-    assert trainable == set(m.trainable_names)
-    assert tr.trainable_size() == m.trainable_params
+    step = _standard_only(out)
+    inputs = {i.name for i in step.graph.input}
+    assert inputs == set(m.trainable_names) | {"x", B.LABELS_INPUT}
+    assert sum(a.size for a in tr.state.params.values()) == m.trainable_params
     assert all(layer.formulation == form for layer in m.layers)
 
 
@@ -108,7 +117,8 @@ def test_conv_depthwise_and_3d_matmul_bundle_trains_with_nm(tmp_path, cnn_onnx):
     for l in m.layers:
         assert imp.check_nm(alloc[l.weight], (2, 4)) <= 2
         assert alloc[l.weight].shape == (l.rows, l.k)
-    ck, tr, losses = _train(out, px, labels, steps=30)
+    _standard_only(out)
+    tr, losses = _train(out, px, labels, steps=30)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
@@ -119,14 +129,14 @@ def test_lora_bundle_trains(tmp_path, mlp_onnx, mlp_data):
     assert all(len(l.params) == 2 for l in m.layers)
     assert m.update_params == sum(2 * (l.rows + l.cols) for l in m.layers)
     x, y = make_task()
-    _, _, losses = _train(out, x, y)
+    _, losses = _train(out, x, y)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
 def test_manifest_hashes_and_inspect_json(mlp_bundle):
     man = json.loads((mlp_bundle / B.MANIFEST).read_text())
     assert man["schema_version"] == B.SCHEMA_VERSION
-    assert set(man["files"]) >= {B.TRAINING_MODEL, B.CHECKPOINT, B.BASE_MODEL, B.ALLOCATION}
+    assert set(man["files"]) >= set(B.REQUIRED_FILES)
     r = run_cli("inspect", mlp_bundle, "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
@@ -212,12 +222,11 @@ def test_gemm_alpha_update_matches_merged_weights(tmp_path, form):
     out = tmp_path / "b"
     m = export_bundle(ExportConfig(model=str(tmp_path / "m.onnx"), out=str(out), calib=str(tmp_path / "c.npz"),
                                    budget=0.5, num_classes=3, formulation={"Gemm": form}), log=lambda s: None)
-    ck = Checkpoint(out / B.CHECKPOINT)
-    tr = Trainer(out / B.TRAINING_MODEL, out / B.EVAL_MODEL, out / B.OPTIMIZER_MODEL, ck)
-    for name in m.trainable_names:
-        ck.set(name, rng.standard_normal(ck.get(name).shape).astype(np.float32))
+    tr = open_trainer(out)
+    for name, a in tr.state.params.items():
+        tr.state.params[name] = rng.standard_normal(a.shape).astype(np.float32)
     want = tr.eval_step([x, np.zeros(16, np.int64)])[1]
-    np.savez(tmp_path / "update.npz", **{n: ck.get(n) for n in m.trainable_names})
+    np.savez(tmp_path / "update.npz", **tr.state.params)
     merge(out, tmp_path / "merged.onnx", update=str(tmp_path / "update.npz"))
     np.testing.assert_allclose(predict_onnx(tmp_path / "merged.onnx", {"x": x}), want, rtol=1e-5, atol=1e-5)
 
@@ -257,18 +266,18 @@ def test_sparse_backward_is_exact(tmp_path, lora_rank, budget):
         assert {l.backward for l in m.layers} == {"sparse" if sparse else "dense"}
         assert max(l.k for l in m.layers) == (1 if budget < 0.2 else 2)
         if sparse:   # k=1 gathers the few used columns; larger k uses x itself (export/backward.py)
-            nodes = {n.name for n in onnx.load(str(out / B.TRAINING_MODEL)).graph.node}
+            nodes = {n.name for n in _standard_only(out).graph.node}
             assert any(n.endswith("taskedge_sb_x_used") for n in nodes) == (budget < 0.2)
-        ck = Checkpoint(out / B.CHECKPOINT)
-        tr = Trainer(out / B.TRAINING_MODEL, out / B.EVAL_MODEL, out / B.OPTIMIZER_MODEL, ck)
+        tr = open_trainer(out)
+        tr.lr = 1e-3
         init = np.random.default_rng(1)
         for name in m.trainable_names:   # non-zero deltas, so dx must see the updated weights
-            ck.set(name, 0.3 * init.standard_normal(ck.get(name).shape).astype(np.float32))
+            tr.state.params[name] = 0.3 * init.standard_normal(tr.state.params[name].shape).astype(np.float32)
         losses = []
         for i in range(4):
-            losses.append(float(tr.train_step([x[8 * i:8 * i + 8], labels[8 * i:8 * i + 8]])[0]))
+            losses.append(tr.train_step([x[8 * i:8 * i + 8], labels[8 * i:8 * i + 8]])[0])
             tr.optimizer_step()
-        runs[sparse] = (losses, {n: ck.get(n) for n in m.trainable_names})
+        runs[sparse] = (losses, dict(tr.state.params))
     np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-5)
     for name, value in runs[False][1].items():
         np.testing.assert_allclose(runs[True][1][name], value, rtol=1e-4, atol=1e-6)
@@ -283,7 +292,7 @@ def test_sparse_backward_drops_the_dense_weight_gradient(tmp_path):
     export_bundle(ExportConfig(model=str(tmp_path / "m.onnx"), out=str(out), calib=str(tmp_path / "c.npz"),
                                budget=0.3, num_classes=3, formulation={"MatMul": "scatter", "Gemm": "scatter"}),
                   log=lambda s: None)
-    names = {o for n in onnx.load(str(out / B.TRAINING_MODEL)).graph.node for o in n.output}
+    names = {o for n in _standard_only(out).graph.node for o in n.output}
     for w in ("w1", "w2", "w3", "w4"):
         assert f"{w}.taskedge_w_scattered_grad" not in names          # no [cols, rows] gradient GEMM
         assert f"{w}.taskedge_sb_grad_used" in names

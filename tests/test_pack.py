@@ -50,7 +50,7 @@ def test_pack_contents_and_roundtrip(packed, mlp_bundle, tmp_path):
     import zipfile
     with zipfile.ZipFile(dest / "wheels" / res["wheel"]) as z:
         wn = z.namelist()
-    assert "taskedge/runtime/ort_train.py" in wn and "taskedge/device_profiles/host-cpu.toml" in wn
+    assert "taskedge/runtime/trainer.py" in wn and "taskedge/device_profiles/host-cpu.toml" in wn
     assert subprocess.run(["bash", "-n", str(dest / "install.sh")]).returncode == 0
 
     # unpacking again replaces the folder atomically; CLI form works too

@@ -63,11 +63,11 @@ VARIANTS = {
     "ort-full": ("ort", "full", {}),
     "ort-lora8": ("ort", "lora", {"rank": 8, "alpha": 16.0}),
     "ort-floor": ("ort", "floor", {}),
-    "taskedge-0.1%": ("ort", "taskedge", {"budget": 0.001}),
-    "taskedge-1%": ("ort", "taskedge", {"budget": 0.01}),
-    "taskedge-0.1%-2:4": ("ort", "taskedge", {"budget": 0.001, "nm": "2:4"}),
-    "taskedge-1%-2:4": ("ort", "taskedge", {"budget": 0.01, "nm": "2:4"}),
-    "taskedge-slora4": ("ort", "taskedge", {"budget": 0.001, "lora_rank": 4}),
+    "taskedge-0.1%": ("step", "taskedge", {"budget": 0.001}),
+    "taskedge-1%": ("step", "taskedge", {"budget": 0.01}),
+    "taskedge-0.1%-2:4": ("step", "taskedge", {"budget": 0.001, "nm": "2:4"}),
+    "taskedge-1%-2:4": ("step", "taskedge", {"budget": 0.01, "nm": "2:4"}),
+    "taskedge-slora4": ("step", "taskedge", {"budget": 0.001, "lora_rank": 4}),
     "torch-full": ("torch", "full", {}),
     "torch-lora8": ("torch", "lora", {"rank": 8, "alpha": 16.0}),
     "torch-taskedge-0.1%": ("torch", "taskedge", {"bundle_of": "taskedge-0.1%"}),
@@ -124,47 +124,96 @@ def _profile_summary(path: Path, steps: int, top: int = 16) -> list:
             for k, v in rows]
 
 
-def worker_ort(name: str, spec: dict, v: dict) -> dict:
+class _OrtTrainingEngine:
+    """The ORT-training peers (full FT, LoRA, floor): ORT's training artifacts, host only."""
+
+    def __init__(self, folder: Path, threads: int, profile_prefix):
+        from taskedge.tools.ort_training import open_artifacts
+        self.ck, self.trainer = open_artifacts(folder, threads, profile_prefix)
+        self.train_names = self.trainer.input_names(True)
+        self.eval_names = self.trainer.input_names(False)
+        self.trainable = [n for n in self.ck.names() if self.ck.requires_grad(n)]
+        self.n_trainable = self.trainer.trainable_size()
+
+    def step(self, feed: list, lr: float) -> float:
+        loss = float(self.trainer.train_step(feed)[0])
+        self.trainer.lr = lr
+        self.trainer.optimizer_step()
+        return loss
+
+    def logits(self, feed: list) -> np.ndarray:
+        return self.trainer.eval_step(feed)[-1]
+
+    def get(self, name: str) -> np.ndarray:
+        return self.ck.get(name)
+
+    def close(self) -> None:
+        del self.trainer.optimizer, self.trainer.module     # writes the profile, if one was asked for
+        self.trainer = None
+
+
+class _StepEngine:
+    """TaskEdge as the board runs it: the bundle's standard-ONNX step graph on plain onnxruntime."""
+
+    def __init__(self, folder: Path, threads: int, profile_prefix):
+        from taskedge.runtime import bundle as B
+        from taskedge.runtime.trainer import Trainer, TrainState
+        man = B.load_bundle(folder)
+        self.trainer = Trainer(folder, man, TrainState.initial(folder, man), threads=threads,
+                               profile_prefix=profile_prefix)
+        self.train_names = self.eval_names = self.trainer.data_names
+        self.trainable = list(man.trainable_names)
+        self.n_trainable = sum(a.size for a in self.trainer.state.params.values())
+
+    def step(self, feed: list, lr: float) -> float:
+        loss = self.trainer.train_step(feed)[0]
+        self.trainer.lr = lr
+        self.trainer.optimizer_step()
+        return loss
+
+    def logits(self, feed: list) -> np.ndarray:
+        return self.trainer.eval_step(feed)[1]
+
+    def get(self, name: str) -> np.ndarray:
+        return self.trainer.state.params[name].copy()
+
+    def close(self) -> None:
+        if self.trainer.session.get_session_options().enable_profiling:
+            self.trainer.session.end_profiling()
+        self.trainer = None
+
+
+def worker_train(name: str, spec: dict, v: dict) -> dict:
     import taskedge.runtime  # noqa: F401  (imports onnxruntime with the torch probe blocked)
     from taskedge.runtime import bundle as B
-    from taskedge.runtime.ort_train import Checkpoint, Trainer
     from taskedge.runtime.telemetry import MemorySampler
 
     sampler = MemorySampler(interval_ms=5).start()
     rss_import = sampler.peak_mb()
     folder = Path(v["artifacts"])
     train, test = _load(spec["train"]), _load(spec["test"])
-    ck = Checkpoint(folder / B.CHECKPOINT)
     prof_steps = int(spec.get("profile_steps") or 0)
     prefix = Path(spec["workdir"]) / f"profile-{name.replace('%', 'pct')}"
-    trainer = Trainer(folder / B.TRAINING_MODEL, folder / B.EVAL_MODEL, folder / B.OPTIMIZER_MODEL, ck,
-                      threads=spec["threads"], profile_prefix=str(prefix) if prof_steps else None)
-    names = [n for n in trainer.input_names(True)]
-    trainable = [n for n in ck.names() if ck.requires_grad(n)]
-    n_trainable = trainer.trainable_size()
-    probe = sorted(trainable, key=lambda n: ck.get(n).size)[: 4]       # small tensors to watch for change
-    before = {n: ck.get(n) for n in probe}
+    engine = (_StepEngine if v["engine"] == "step" else _OrtTrainingEngine)(
+        folder, spec["threads"], str(prefix) if prof_steps else None)
+    probe = sorted(engine.trainable, key=lambda n: engine.get(n).size)[: 4]     # small tensors to watch for change
+    before = {n: engine.get(n) for n in probe}
     lr = v["lr"]
     times, losses = [], []
     timing = int(spec.get("timing_steps") or 0)
     steps = prof_steps + spec["skip"] if prof_steps else (timing + spec["skip"] if timing else spec["steps"])
     for step in range(steps):
         idx = _batch_idx(step, len(train["labels"]), spec["batch"], spec["seed"])
-        feed = [train[n][idx] for n in names]
+        feed = [train[n][idx] for n in engine.train_names]
         t0 = time.perf_counter()
-        loss = float(trainer.train_step(feed)[0])
-        trainer.lr = _lr_at(step, lr, spec["warmup"])
-        trainer.optimizer_step()
+        losses.append(engine.step(feed, _lr_at(step, lr, spec["warmup"])))
         times.append(time.perf_counter() - t0)
-        losses.append(loss)
     peak = sampler.peak_mb()
     if timing:
         sampler.stop()
         return _timing_result(name, spec, times)
     if prof_steps:
-        del trainer.optimizer
-        del trainer.module
-        trainer = None
+        engine.close()
         import gc
         gc.collect()
         files = sorted(prefix.parent.glob(prefix.name + "*.json"), key=lambda p: p.stat().st_mtime)
@@ -174,22 +223,21 @@ def worker_ort(name: str, spec: dict, v: dict) -> dict:
                 "torch_imported": "torch" in sys.modules}
     # accuracy on the held-out set (eval graph: loss + logits)
     correct, n = 0, len(test["labels"])
-    eval_names = [x for x in trainer.input_names(False)]
     for s in range(0, n, 50):
-        out = trainer.eval_step([test[x][s:s + 50] for x in eval_names])
-        correct += int((out[-1].argmax(-1) == test["labels"][s:s + 50]).sum())
-    changed = float(sum(np.abs(ck.get(x) - before[x]).sum() for x in probe))
-    arrays = {x: ck.get(x) for x in trainable}
+        logits = engine.logits([test[x][s:s + 50] for x in engine.eval_names])
+        correct += int((logits.argmax(-1) == test["labels"][s:s + 50]).sum())
+    changed = float(sum(np.abs(engine.get(x) - before[x]).sum() for x in probe))
+    arrays = {x: engine.get(x) for x in engine.trainable}
     if v.get("head_lr_scale", 1.0) != 1.0:
-        sc, suf = np.float32(v["head_lr_scale"]), ".lr_scaled"      # as export.baselines.unscale_update
-        arrays = {(k[: -len(suf)] if k.endswith(suf) else k): (a * sc if k.endswith(suf) else a)
-                  for k, a in arrays.items()}
+        from taskedge.export.baselines import unscale_update
+        arrays = unscale_update(arrays, v["head_lr_scale"])
     upd = Path(spec["workdir"]) / f"update-{name.replace('%', 'pct')}.npz"
     update_bytes = _savez(upd, arrays)
     if v["family"] == "taskedge":
         update_bytes += (folder / B.ALLOCATION).stat().st_size
     sampler.stop()
-    return _result(name, v, spec, times, losses, peak, rss_import, n_trainable, update_bytes, correct / n, changed)
+    return _result(name, v, spec, times, losses, peak, rss_import, engine.n_trainable, update_bytes, correct / n,
+                   changed)
 
 
 def _timing_result(name, spec, times) -> dict:
@@ -397,7 +445,7 @@ def worker_torch(name: str, spec: dict, v: dict) -> dict:
 def worker_main(name: str, spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     v = spec["variants"][name]
-    fn = {"ort": worker_ort, "infer": worker_infer, "torch": worker_torch}[v["engine"]]
+    fn = {"ort": worker_train, "step": worker_train, "infer": worker_infer, "torch": worker_torch}[v["engine"]]
     print(json.dumps(fn(name, spec, v)), flush=True)
     return 0
 
@@ -445,7 +493,7 @@ def prepare(model: str, cfg: dict, work: Path, seed: int, variants: list, log) -
         if "bundle_of" in opt and opt["bundle_of"] in skipped:
             skipped[name] = f"needs {opt['bundle_of']}, which was skipped"
             continue
-        if engine == "ort" and fam == "taskedge":
+        if engine == "step" and fam == "taskedge":
             try:
                     man = export_bundle(ExportConfig(model=str(work / "base.onnx"), out=str(folder),
                                                  calib=str(work / "train.npz"),
@@ -517,7 +565,7 @@ def primary_variant(res: dict) -> str:
     """taskedge-0.1% when it ran; else the first TaskEdge variant that did (vision: 0.1 % is infeasible)."""
     if PRIMARY in res:
         return PRIMARY
-    return next((n for n, v in res.items() if v["family"] == "taskedge" and v["engine"] == "ort"), PRIMARY)
+    return next((n for n, v in res.items() if v["family"] == "taskedge" and v["engine"] == "step"), PRIMARY)
 
 
 def time_ratio(res: dict):
@@ -594,7 +642,7 @@ def run_bench(model: str = "text", quick: bool = False, steps: int = None, seed:
             acc = "" if r["accuracy"] is None else f", acc {r['accuracy']:.4f}"
             log(f"{name}: {r['step_ms_median']:.1f} ms/step, peak {r['peak_rss_mb']:.0f} MB{acc} "
                 f"({time.perf_counter() - t:.0f}s)")
-        timed = [n for n in spec["run"] if VARIANTS[n][0] in ("ort", "infer")]
+        timed = [n for n in spec["run"] if VARIANTS[n][0] in ("ort", "step", "infer")]
         for rnd in range(1, cfg["rounds"]):     # more timing rounds, variants interleaved (noisy hosts)
             order = timed if rnd % 2 else timed[::-1]
             log(f"timing round {rnd + 1}/{cfg['rounds']}: {len(order)} variants x {cfg['timing_steps']} steps")

@@ -28,13 +28,13 @@ def test_safe_member_refuses_escapes(tmp_path, name):
 def test_links_in_bundle_refused(mlp_bundle, tmp_path, record):
     b = tmp_path / "b"
     shutil.copytree(mlp_bundle, b)
-    (tmp_path / "outside").write_bytes((b / B.TRAINING_MODEL).read_bytes())
-    os.unlink(b / B.TRAINING_MODEL)
-    os.symlink(tmp_path / "outside", b / B.TRAINING_MODEL)          # same bytes, so the hash would match
+    (tmp_path / "outside").write_bytes((b / B.STEP_MODEL).read_bytes())
+    os.unlink(b / B.STEP_MODEL)
+    os.symlink(tmp_path / "outside", b / B.STEP_MODEL)          # same bytes, so the hash would match
     with pytest.raises(BundleError, match="link"):
         load_bundle(b)
-    os.unlink(b / B.TRAINING_MODEL)
-    os.symlink("checkpoint", b / B.TRAINING_MODEL)                  # even a link inside the folder
+    os.unlink(b / B.STEP_MODEL)
+    os.symlink(B.INITIAL_STATE, b / B.STEP_MODEL)                  # even a link inside the folder
     with pytest.raises(BundleError, match="link"):
         load_bundle(b)
     record("bundle: member is a symlink (outside / inside)", "refused", "refused both")
@@ -47,12 +47,12 @@ def _rewrite_manifest(folder, edit):
     (folder / B.MANIFEST).write_text(__import__("json").dumps(raw))
 
 
-@pytest.mark.parametrize("hostile", ["../escape", "/etc/hostname", "omit training model"])
+@pytest.mark.parametrize("hostile", ["../escape", "/etc/hostname", "omit step model"])
 def test_hostile_manifest_refused(mlp_bundle, tmp_path, record, hostile):
     b = tmp_path / "b"
     shutil.copytree(mlp_bundle, b)
-    if hostile == "omit training model":
-        _rewrite_manifest(b, lambda m: m["files"].pop(B.TRAINING_MODEL))
+    if hostile == "omit step model":
+        _rewrite_manifest(b, lambda m: m["files"].pop(B.STEP_MODEL))
     else:
         _rewrite_manifest(b, lambda m: m["files"].__setitem__(hostile, {"sha256": "0" * 64, "bytes": 1}))
     with pytest.raises(BundleError) as e:

@@ -52,7 +52,7 @@ def test_corrupted_checkpoint_falls_back(mlp_bundle, mlp_data, tmp_path, ref30, 
     assert identical and sorted(steps) == [25, 30] and not temp_files(d)
 
 
-@pytest.mark.parametrize("name", [B.TRAINING_MODEL, B.CHECKPOINT, B.ALLOCATION, B.MANIFEST])
+@pytest.mark.parametrize("name", [B.STEP_MODEL, B.WEIGHTS, B.INITIAL_STATE, B.ALLOCATION, B.MANIFEST])
 @pytest.mark.parametrize("damage", ["truncated", "bit-flipped"])
 def test_corrupted_bundle_file_is_named(mlp_bundle, mlp_data, tmp_path, record, name, damage):
     b = tmp_path / "b"
@@ -133,7 +133,7 @@ def test_lr_1e6_diverges_3_times_then_stops_at_last_good_state(mlp_bundle, mlp_d
 def test_inf_in_update_rolls_back(mlp_bundle, mlp_data, tmp_path, monkeypatch, record):
     """In-process: the optimizer step leaves an Inf in the update once (finite loss)."""
     from taskedge.runtime import adapt as A
-    from taskedge.runtime.ort_train import Trainer
+    from taskedge.runtime.trainer import Trainer
     orig, fired = Trainer.optimizer_step, []
 
     def bad_step(self):
@@ -143,9 +143,7 @@ def test_inf_in_update_rolls_back(mlp_bundle, mlp_data, tmp_path, monkeypatch, r
             if s.step == 7:
                 fired.append(1)
                 n = s.manifest.trainable_names[0]
-                v = self.checkpoint.get(n)
-                v.flat[0] = np.inf
-                self.checkpoint.set(n, v)
+                self.state.params[n].flat[0] = np.inf
     monkeypatch.setattr(Trainer, "optimizer_step", bad_step)
     orig_run = A.Session._run
 

@@ -1,4 +1,6 @@
-"""The one place the runtime talks to ONNX Runtime's training API.
+"""ONNX Runtime's training API (onnxruntime-training, host only): the benchmark's ORT-training
+peers (full fine-tuning, LoRA, the floor) and the reference the standard-ONNX step graph is
+checked against. The board never uses it (runtime/trainer.py runs plain onnxruntime).
 
 `onnxruntime.training.api` imports torch (DESIGN.md), so this adapter uses the
 pybind layer directly, exactly as ORT's own thin wrappers (Module, Optimizer,
@@ -7,13 +9,20 @@ CheckpointState) do.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
 from onnxruntime.capi import _pybind_state as C
 from onnxruntime.capi.onnxruntime_inference_collection import OrtValue, get_ort_device_type
 
-from .fsutil import atomic_path
+from taskedge.runtime.fsutil import atomic_path
+
+# The files of ORT's training artifacts (export.exporter.generate_ort_artifacts)
+TRAINING_MODEL = "training_model.onnx"
+EVAL_MODEL = "eval_model.onnx"
+OPTIMIZER_MODEL = "optimizer_model.onnx"
+CHECKPOINT = "checkpoint"
 
 
 def has_training_api() -> bool:
@@ -121,3 +130,11 @@ class Trainer:
     def trainable_size(self) -> int:
         return int(self.module.get_parameters_size(True))
 
+
+
+def open_artifacts(folder, threads: int = 0, profile_prefix: Optional[str] = None):
+    """(Checkpoint, Trainer) over the ORT training artifacts in `folder`."""
+    folder = Path(folder)
+    ck = Checkpoint(folder / CHECKPOINT)
+    return ck, Trainer(folder / TRAINING_MODEL, folder / EVAL_MODEL, folder / OPTIMIZER_MODEL, ck,
+                       threads=threads, profile_prefix=profile_prefix)
