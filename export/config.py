@@ -22,6 +22,8 @@ class ExportConfig:
     head_only: bool = False                     # train only the new head (linear-probe baseline)
     formulation: dict = field(default_factory=dict)   # per op type: gather | scatter
     sparse_backward: bool = True                # export/backward.py; False keeps ORT's dense weight gradient
+    ort_reference: Optional[str] = None         # also write ORT's own training artifacts here (same graph,
+                                                # before lowering): the reference the step graph is checked on
     lr: float = 1e-3                            # stored as the default for the board
     seed: int = 0
 

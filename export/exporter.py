@@ -164,10 +164,12 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
     with staged_dir(cfg.out) as tmp:
         log(f"deriving the backward graph with ORT's gradient builder ({len(trainable)} trainable tensors)")
         t = time.perf_counter()
-        training, evaluation = _artifacts(model, trainable)
+        training, evaluation = _artifacts(model, trainable, cfg.ort_reference)
         if cfg.sparse_backward and indices:
             n = sparsify_backward(training, table, indices)
             log(f"sparse backward: {n} of {len(table)} layers compute their gradient at the used columns only")
+        if cfg.ort_reference:       # ORT-training's own path on the very graph that gets lowered
+            onnx.save(training, os.path.join(cfg.ort_reference, "training_model.onnx"))
         values = {t.name: t for t in model.graph.initializer}
         data = [s.name for s in specs] + [B.LABELS_INPUT]
         loss = training.graph.output[0].name
@@ -219,9 +221,12 @@ def generate_ort_artifacts(model: onnx.ModelProto, trainable: List[str], folder)
             artifact_directory=str(folder), additional_output_names=[model.graph.output[0].name])
 
 
-def _artifacts(model: onnx.ModelProto, trainable: List[str]):
-    """The training graph (forward + backward + loss) and the eval graph from ORT's builder."""
-    with tempfile.TemporaryDirectory() as folder:
+def _artifacts(model: onnx.ModelProto, trainable: List[str], keep: Optional[str] = None):
+    """The training graph (forward + backward + loss) and the eval graph from ORT's builder;
+    the artifact files are kept in `keep` if given."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = keep or tmp
+        os.makedirs(folder, exist_ok=True)
         generate_ort_artifacts(model, trainable, folder)
         return onnx.load(os.path.join(folder, "training_model.onnx")), \
             onnx.load(os.path.join(folder, "eval_model.onnx"))

@@ -24,6 +24,7 @@ class GraphEdit:
         self.after: Dict[int, List[onnx.NodeProto]] = {}
         self.removed: set = set()
         self._consts: Dict[tuple, str] = {}
+        self._names = {t.name for t in self.g.initializer} | set(self.producer)
 
     def const(self, name: str, array: np.ndarray) -> str:
         self.g.initializer.append(numpy_helper.from_array(np.asarray(array), name))
@@ -34,7 +35,11 @@ class GraphEdit:
         a = np.asarray(array, dtype=dtype)
         key = (a.dtype.str, a.shape, a.tobytes())
         if key not in self._consts:
-            self._consts[key] = self.const(f"taskedge_const_{len(self._consts)}", a)
+            i = len(self._consts)
+            while f"taskedge_const_{i}" in self._names:      # an earlier edit of this graph made it
+                i += 1
+            self._names.add(f"taskedge_const_{i}")
+            self._consts[key] = self.const(f"taskedge_const_{i}", a)
         return self._consts[key]
 
     def replace(self, node: onnx.NodeProto, nodes: List[onnx.NodeProto]) -> None:

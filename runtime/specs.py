@@ -4,20 +4,16 @@ from __future__ import annotations
 from typing import Dict, List, Mapping
 
 import numpy as np
-import onnx
 
 from .bundle import TensorSpec
 from .fsutil import UserError
 
-_ONNX_TO_NP = {
-    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64",
-    onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64",
-    onnx.TensorProto.INT32: "int32", onnx.TensorProto.INT8: "int8",
-    onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool",
-}
+# onnx.TensorProto data types -> numpy names (the board reads these from the manifest, never from onnx)
+_ONNX_TO_NP = {1: "float32", 11: "float64", 10: "float16", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool"}
 
 
-def graph_input_specs(model: onnx.ModelProto) -> List[TensorSpec]:
+def graph_input_specs(model) -> List[TensorSpec]:
+    """The data inputs of an onnx.ModelProto (host side: the exporter)."""
     inits = {t.name for t in model.graph.initializer}
     specs = []
     for vi in model.graph.input:

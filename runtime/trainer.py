@@ -63,6 +63,11 @@ def session_options(threads: int = 0, profile_prefix: Optional[str] = None) -> o
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # Measured on the MiniLM step graph (batch 16, peak RSS of a fresh process, `step_ms` median):
+    # defaults 365 MB / 210 ms; no buffer reuse 289 / 207; + no memory pattern 274 / 206;
+    # without the arena 334-342 MB and slower (231-253 ms). Inference sessions are unaffected.
+    so.enable_mem_reuse = False
+    so.enable_mem_pattern = False
     if threads:
         so.intra_op_num_threads = threads
     if profile_prefix:

@@ -1,4 +1,4 @@
-"""CMakeLists.txt: configure with TASKEDGE_BUILD_ORT=OFF and run its ctest suite; ON without a source dir errors."""
+"""CMakeLists.txt: configure (nothing to build: the board runtime needs a plain onnxruntime) and run ctest."""
 import shutil
 import subprocess
 import sys
@@ -13,18 +13,14 @@ pytestmark = pytest.mark.skipif(not shutil.which("cmake") or not shutil.which("c
 
 def test_configure_and_ctest(tmp_path):
     build = tmp_path / "build"
-    r = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-DTASKEDGE_BUILD_ORT=OFF",
-                        f"-DPython3_EXECUTABLE={sys.executable}"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), f"-DPython3_EXECUTABLE={sys.executable}"],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     r = subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "100% tests passed, 0 tests failed out of 3" in r.stdout
     assert "smoke_adapt" in r.stdout and "Skipped" not in r.stdout
+    text = (ROOT / "CMakeLists.txt").read_text()
+    assert "ExternalProject" not in text and "TASKEDGE_BUILD_ORT" not in text  # no ONNX Runtime source build
 
-
-def test_build_ort_needs_source_dir(tmp_path):
-    r = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path / "b"), "-DTASKEDGE_BUILD_ORT=ON",
-                        f"-DPython3_EXECUTABLE={sys.executable}"], capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
-    assert "-DORT_SOURCE_DIR" in r.stderr and "TASKEDGE_BUILD_ORT=OFF" in r.stderr

@@ -4,8 +4,9 @@ Starts Debian's OpenSSH server (`apt-get install -y openssh-server`) on a random
 temporary host key, a temporary client key and a temporary sshd_config; the "board" is a
 prefix under tmp_path. The board venv is created from this interpreter with
 --system-site-packages (its site-packages are inherited through a .pth file, since venvs do
-not chain), so onnxruntime-training is available without a network, and the runtime wheel is
-installed with --no-deps.
+not chain), so this venv's onnxruntime (provided by onnxruntime-training-cpu, run as a plain
+inference build) is available without a network, and the runtime wheel is installed with
+--no-deps. (Without --no-deps the installer would also keep that onnxruntime: test_pack.)
 """
 import json
 import os

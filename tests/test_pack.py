@@ -30,8 +30,8 @@ def test_pack_contents_and_roundtrip(packed, mlp_bundle, tmp_path):
     with tarfile.open(out) as tar:
         names = tar.getnames()
         assert names[0] == "SHA256SUMS"
-        assert {"install.sh", "profile.toml", "bundle/manifest.json", "bundle/checkpoint",
-                "wheels/" + res["wheel"]} <= set(names)
+        assert {"install.sh", "profile.toml", "bundle/manifest.json", "bundle/step_model.onnx",
+                "bundle/weights.bin", "wheels/" + res["wheel"]} <= set(names)
         assert tar.getmember("install.sh").mode & 0o111
         assert all(not n.startswith(("/", "..")) and not tar.getmember(n).issym() for n in names)
         sums = tar.extractfile("SHA256SUMS").read().decode().splitlines()
@@ -50,12 +50,57 @@ def test_pack_contents_and_roundtrip(packed, mlp_bundle, tmp_path):
     import zipfile
     with zipfile.ZipFile(dest / "wheels" / res["wheel"]) as z:
         wn = z.namelist()
+        meta = z.read(next(n for n in wn if n.endswith(".dist-info/METADATA"))).decode()
     assert "taskedge/runtime/trainer.py" in wn and "taskedge/device_profiles/host-cpu.toml" in wn
+    # onnxruntime only through the [board] extra, so the installer can keep an onnxruntime-gpu
+    ort_reqs = [ln for ln in meta.splitlines() if ln.startswith("Requires-Dist: onnxruntime")]
+    assert any('extra == "board"' in ln for ln in ort_reqs) and all("extra ==" in ln for ln in ort_reqs), ort_reqs
     assert subprocess.run(["bash", "-n", str(dest / "install.sh")]).returncode == 0
 
     # unpacking again replaces the folder atomically; CLI form works too
     r = run_cli("unpack", out, dest, "--json")
     assert r.returncode == 0, r.stderr and json.loads(r.stdout)["verified"]
+
+
+def run_install(tar, prefix, *opts):
+    """The archive's install.sh, offline (PIP_NO_INDEX), with this interpreter as the board's python."""
+    env = dict(os.environ, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env.pop("PIP_FIND_LINKS", None)
+    script = tarfile.open(tar).extractfile("install.sh").read().decode()
+    return subprocess.run(["bash", "-s", "--", "--tar", str(tar), "--prefix", str(prefix), "--python", sys.executable,
+                           *opts], input=script, env=env, capture_output=True, text=True, timeout=300)
+
+
+def venv_dists(prefix):
+    """Distribution names installed in the board venv's own site-packages (not inherited ones)."""
+    return {d.name.split("-")[0].lower() for d in prefix.glob("venv/lib/python*/site-packages/*.dist-info")}
+
+
+def test_install_sh_keeps_an_existing_onnxruntime(packed, tmp_path):
+    # this venv's onnxruntime (from onnxruntime-training-cpu) is inherited: no [board] extra, nothing fetched
+    out, res = packed
+    board = tmp_path / "board"
+    r = run_install(out, board, "--system-site-packages")
+    assert r.returncode == 0, r.stderr
+    assert "keeping the venv's onnxruntime" in r.stderr and "[board]" not in r.stderr
+    assert "taskedge" in venv_dists(board) and not {"onnxruntime", "onnxruntime_gpu"} & venv_dists(board)
+    r = subprocess.run([str(board / "venv/bin/taskedge"), "doctor", "--profile", "host-cpu", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert r.returncode == 0 and checks["onnxruntime"]["status"] == "ok", r.stdout + r.stderr
+
+
+def test_install_sh_without_onnxruntime(packed, tmp_path):
+    out, res = packed
+    board = tmp_path / "board"
+    # a bare venv has no onnxruntime: the installer asks pip for the [board] extra (fails offline here)
+    r = run_install(out, board)
+    assert r.returncode != 0 and f"installing {res['wheel']}[board]" in r.stderr, r.stderr
+    # --no-deps installs the wheel alone, then names the missing onnxruntime in one line
+    r = run_install(out, board, "--no-deps")
+    assert r.returncode == 1 and "reusing venv" in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"install.sh: no onnxruntime in {board.resolve()}/venv: "
+                                                 "run without --no-deps, or pass --ort-wheel PATH")
 
 
 def test_pack_refuses_corrupted_bundle(mlp_bundle, tmp_path):
@@ -184,10 +229,10 @@ def test_sha256_mismatch_missing_and_extra_are_detected(packed, tmp_path):
         return path
 
     flipped = rewrite(tmp_path / "flip.tar", lambda m, d: (m, d[:-1] + bytes([d[-1] ^ 1]))
-                      if m.name == "bundle/checkpoint" else (m, d))
+                      if m.name == "bundle/initial_state.npz" else (m, d))
     nosums = rewrite(tmp_path / "nosums.tar", lambda m, d: (None, None) if m.name == "SHA256SUMS" else (m, d))
     dropped = rewrite(tmp_path / "drop.tar", lambda m, d: (None, None) if m.name == "profile.toml" else (m, d))
-    cases = {flipped: "sha256 mismatch for bundle/checkpoint", nosums: "SHA256SUMS is missing",
+    cases = {flipped: "sha256 mismatch for bundle/initial_state.npz", nosums: "SHA256SUMS is missing",
              dropped: "lists files the archive lacks: profile.toml"}
     extra = tmp_path / "extra.tar"
     with tarfile.open(extra, "w") as t:

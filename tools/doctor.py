@@ -3,9 +3,9 @@
 Checks, each ok / warn / fail with the fix in one line:
 
     python        version >= 3.8
-    runtime       taskedge.runtime imports, and without torch
-    onnxruntime   importable, version
-    training-api  ORT built with training (the pybind Module / load_checkpoint)
+    runtime       taskedge.runtime imports, and without torch or onnxruntime.training
+    onnxruntime   importable, version >= 1.17 (any inference build: CPU wheel or NVIDIA's
+                  onnxruntime-gpu), and only one onnxruntime distribution installed
     providers     ORT's execution providers vs the profile's list
     cuda          a CUDA device is visible when the profile wants CUDA
                   (/dev/nvhost-* on Jetson, /dev/nvidia* on desktops, or nvidia-smi)
@@ -32,8 +32,13 @@ from typing import List, Optional
 from taskedge.runtime.fsutil import UserError
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-ORT_FIX = ("pip install onnxruntime-training-cpu==1.19.2 (x86_64); on a Jetson build ONNX Runtime from source "
-           "with --enable_training (cmake -DTASKEDGE_BUILD_ORT=ON, see CMakeLists.txt) and install its wheel")
+GPU_WHEEL = "NVIDIA's onnxruntime-gpu wheel for your JetPack (Jetson Zoo / pypi.jetson-ai-lab)"
+ORT_FIX = f"in the venv: pip install onnxruntime (CPU), or on a Jetson install {GPU_WHEEL} for the CUDA EP"
+CUDA_FIX = f"install {GPU_WHEEL} in the venv"
+MIN_ORT = (1, 17)
+# distributions that all provide the `onnxruntime` module (two of them overwrite each other's files)
+ORT_DISTS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-training", "onnxruntime-training-cpu",
+             "onnxruntime-directml", "onnxruntime-openvino", "ort-nightly", "ort-nightly-gpu")
 MIN_FREE_DISK_MB = 512
 MIN_AVAILABLE_MB = 256
 
@@ -59,16 +64,18 @@ def check_python() -> Check:
 
 
 def check_runtime() -> Check:
-    code = ("import sys, taskedge.runtime, taskedge.runtime.adapt, taskedge.runtime.ort_train; "
-            "print(taskedge.runtime.__file__); sys.exit(3 if 'torch' in sys.modules else 0)")
+    code = ("import sys, taskedge.runtime, taskedge.runtime.adapt, taskedge.runtime.trainer; "
+            "print(taskedge.runtime.__file__); "
+            "sys.exit(3 if 'torch' in sys.modules else 4 if 'onnxruntime.training' in sys.modules else 0)")
     try:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
         return Check("runtime", WARN, f"could not start a check process ({e})", "re-run the doctor")
     where = os.path.dirname(r.stdout.strip()) if r.stdout.strip() else "?"
-    if r.returncode == 3:
-        return Check("runtime", FAIL, f"importing the runtime loaded torch ({where})",
-                     "report a bug: the board runtime must not import torch")
+    if r.returncode in (3, 4):
+        what = "torch" if r.returncode == 3 else "onnxruntime.training"
+        return Check("runtime", FAIL, f"importing the runtime loaded {what} ({where})",
+                     f"report a bug: the board runtime must not import {what}")
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["?"])[-1]
         return Check("runtime", FAIL, f"taskedge.runtime does not import: {last}",
@@ -78,7 +85,55 @@ def check_runtime() -> Check:
         version = metadata.version("taskedge")
     except metadata.PackageNotFoundError:
         version = "?"
-    return Check("runtime", OK, f"taskedge {version} at {where}, torch-free")
+    return Check("runtime", OK, f"taskedge {version} at {where}, torch-free, no onnxruntime.training")
+
+
+def _version_tuple(version: str) -> tuple:
+    """(major, minor) of a version string: 1.23.2 -> (1, 23), 1.24.0.dev20250101 -> (1, 24)."""
+    parts = (version.split(".") + ["0", "0"])[:2]
+    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
+
+
+def ort_distributions(site_dir: str) -> List[str]:
+    """The installed distributions in `site_dir` that provide the `onnxruntime` module, as name==version."""
+    from importlib import metadata
+    found = []
+    for name in ORT_DISTS:
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if os.path.realpath(str(dist.locate_file(""))) == os.path.realpath(site_dir):
+            found.append(f"{name}=={dist.version}")
+    return found
+
+
+def check_ort_version(ort) -> Check:
+    where = os.path.dirname(ort.__file__)
+    dists = ort_distributions(os.path.dirname(where))
+    detail = f"{ort.__version__} ({', '.join(dists) or 'unknown distribution'}) at {where}"
+    if _version_tuple(ort.__version__) < MIN_ORT:
+        return Check("onnxruntime", WARN, detail + f"; older than {MIN_ORT[0]}.{MIN_ORT[1]}, untested",
+                     "upgrade: " + ORT_FIX)
+    if len(dists) > 1:
+        names = " ".join(d.split("==")[0] for d in dists)
+        return Check("onnxruntime", WARN, detail + "; these distributions overwrite each other's onnxruntime files",
+                     f"keep one: pip uninstall -y {names}, then install the one you want again")
+    return Check("onnxruntime", OK, detail)
+
+
+def check_providers(ort, profile) -> Check:
+    have = list(ort.get_available_providers())
+    want = list(profile.execution_providers)
+    missing = [p for p in want if p not in have]
+    detail = f"available {', '.join(have)}; profile wants {', '.join(want)}"
+    if not missing:
+        return Check("providers", OK, detail)
+    other = "install an onnxruntime build with " + ", ".join(missing)
+    if "CPUExecutionProvider" in missing or not any(p in have for p in want):
+        return Check("providers", FAIL, detail, other)
+    fix = CUDA_FIX if "CUDAExecutionProvider" in missing else other
+    return Check("providers", WARN, detail + f"; {', '.join(missing)} missing, training runs on CPU", fix)
 
 
 def check_onnxruntime(profile) -> List[Check]:
@@ -87,34 +142,8 @@ def check_onnxruntime(profile) -> List[Check]:
         import onnxruntime as ort
     except Exception as e:  # ImportError, or a broken native library (OSError)
         return [Check("onnxruntime", FAIL, f"not importable: {type(e).__name__}: {e}", ORT_FIX),
-                Check("training-api", FAIL, "onnxruntime missing", ORT_FIX),
                 Check("providers", FAIL, "onnxruntime missing", ORT_FIX)]
-    out = [Check("onnxruntime", OK, f"{ort.__version__} ({os.path.dirname(ort.__file__)})")]
-    try:
-        from taskedge.runtime.ort_train import has_training_api
-        training = has_training_api()
-        err = ""
-    except Exception as e:
-        training, err = False, f" ({type(e).__name__}: {e})"
-    if training:
-        out.append(Check("training-api", OK, "Module, Optimizer, load_checkpoint present"))
-    else:
-        out.append(Check("training-api", FAIL, "this onnxruntime has no training API" + err,
-                         "replace it by an ORT built with training: " + ORT_FIX))
-    have = list(ort.get_available_providers())
-    want = list(profile.execution_providers)
-    missing = [p for p in want if p not in have]
-    detail = f"available {', '.join(have)}; profile wants {', '.join(want)}"
-    if not missing:
-        out.append(Check("providers", OK, detail))
-    elif "CPUExecutionProvider" in missing or not any(p in have for p in want):
-        out.append(Check("providers", FAIL, detail, "install an onnxruntime build with " + ", ".join(missing)))
-    else:
-        fix = ("build ONNX Runtime with --use_cuda (CMAKE_CUDA_ARCHITECTURES=87 on Orin; "
-               "cmake -DTASKEDGE_BUILD_ORT=ON)" if "CUDAExecutionProvider" in missing
-               else "install an onnxruntime build with " + ", ".join(missing))
-        out.append(Check("providers", WARN, detail + f"; {', '.join(missing)} missing, training runs on CPU", fix))
-    return out
+    return [check_ort_version(ort), check_providers(ort, profile)]
 
 
 def check_cuda(profile, root: str) -> Check:
@@ -268,7 +297,7 @@ def cmd_doctor(a) -> int:
 
 
 def register(sub) -> None:
-    d = sub.add_parser("doctor", help="board: check Python, ONNX Runtime training, providers, CUDA, power "
+    d = sub.add_parser("doctor", help="board: check Python, ONNX Runtime, providers, CUDA, power "
                                       "rails, memory and disk against a device profile",
                        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     d.add_argument("--profile", help="device profile name or .toml (default: the closest shipped profile)")

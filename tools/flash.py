@@ -78,7 +78,8 @@ def cmd_flash(a) -> int:
 def register(sub) -> None:
     f = sub.add_parser("flash", help="host: copy a pack to a board over ssh, install it, run the doctor",
                        description="scp ARCHIVE to the board, run its install.sh there (safe unpack, sha256 "
-                                   "check, venv at --prefix, pip install of the runtime wheel), then "
+                                   "check, venv at --prefix, pip install of the runtime wheel, with the CPU "
+                                   "onnxruntime unless the venv already has one), then "
                                    "`taskedge doctor` with the packed profile. Exit status: the doctor's "
                                    "(0/1), 3 if the copy or install failed, 255 if ssh failed.")
     f.add_argument("archive", help="the tar written by `taskedge pack`")
@@ -88,10 +89,11 @@ def register(sub) -> None:
     f.add_argument("-i", "--identity", help="ssh private key file")
     f.add_argument("--python", default="python3", help="python on the board used to create the venv")
     f.add_argument("--no-deps", action="store_true",
-                   help="install the runtime wheel without dependencies (board already has onnxruntime "
-                        "built from source, numpy, onnx 1.17, psutil; or is offline)")
+                   help="install the runtime wheel without dependencies or index (offline board whose "
+                        "--python already has numpy, psutil and onnxruntime; use with --system-site-packages)")
     f.add_argument("--system-site-packages", action="store_true",
-                   help="let the venv see --python's packages (e.g. a source-built onnxruntime)")
+                   help="let the venv see --python's packages (e.g. NVIDIA's onnxruntime-gpu installed there; "
+                        "the runtime is then installed without the CPU onnxruntime)")
     f.add_argument("-o", "--ssh-option", action="append", metavar="OPTION",
                    help="extra ssh/scp -o option, e.g. UserKnownHostsFile=FILE (repeatable)")
     f.add_argument("--json", action="store_true", help="print the result and the doctor's report as JSON")

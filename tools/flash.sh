@@ -6,8 +6,8 @@
 #     --prefix DIR              install prefix on the board (default ~/taskedge)
 #     -i, --identity KEY        ssh private key
 #     --python PY               python on the board that creates the venv (default python3)
-#     --no-deps                 pip install the runtime wheel only (board has ORT/numpy/onnx/psutil)
-#     --system-site-packages    the venv sees --python's packages (e.g. ORT built from source)
+#     --no-deps                 pip install the runtime wheel only (board has onnxruntime/numpy/psutil)
+#     --system-site-packages    the venv sees --python's packages (e.g. NVIDIA's onnxruntime-gpu)
 #     -o OPTION                 extra ssh/scp option, e.g. -o UserKnownHostsFile=FILE (repeatable)
 #     --json                    print the doctor's report as JSON on stdout
 #

@@ -8,7 +8,7 @@ bundle.tar holds
     install.sh      board-side installer: safe unpack + sha256 check, venv, pip install the wheel
     profile.toml    the device profile the board should run with
     wheels/         a wheel of this project (the runtime; built offline, no dependencies bundled)
-    bundle/         the training bundle (its manifest hashes are checked before packing)
+    bundle/         the bundle from `taskedge export` (its manifest hashes are checked before packing)
 
 `unpack(tar, dest)` is the safe extractor: it refuses absolute names, `..`, links that leave
 the target, device files and FIFOs, writes into a staging folder next to `dest`, checks
@@ -329,18 +329,22 @@ INSTALL_SH = r'''#!/usr/bin/env bash
 # 1. unpacks the archive safely into PREFIX/release (no absolute paths, no '..', no links leaving
 #    the folder, no device files) and checks every file against SHA256SUMS; the previous release is
 #    replaced only once the new one is verified;
-# 2. creates the venv PREFIX/venv (once) and pip-installs the runtime wheel from release/wheels;
+# 2. creates the venv PREFIX/venv (once) and pip-installs the runtime wheel from release/wheels:
+#    `pip install WHEEL[board]` (numpy, psutil and the CPU onnxruntime wheel, aarch64 or x86_64) if the
+#    venv has no onnxruntime yet; plain `pip install WHEEL` if it has one (e.g. NVIDIA's onnxruntime-gpu
+#    from --ort-wheel or --system-site-packages), so pip never puts the CPU build over it;
 # 3. prints the commands to run. PREFIX/runs is the place for checkpoints (survives re-flashing).
+# The runtime needs an onnxruntime inference build (>= 1.17), never onnxruntime-training or torch.
 #
-# --no-deps               install only the runtime wheel. Use it when the board already has
-#                         onnxruntime built from source with --enable_training plus numpy, onnx 1.17,
-#                         psutil (e.g. installed for --python, together with --system-site-packages),
-#                         or when the board is offline. Without it pip fetches numpy/onnx/psutil.
-#                         (The wheel never pulls onnxruntime on aarch64: no training wheel exists.)
+# --no-deps               install only the runtime wheel, no dependencies and no index: for an offline
+#                         board whose --python already has numpy, psutil, onnxruntime (tomli below 3.11);
+#                         use it with --system-site-packages (an --ort-wheel is then installed --no-deps).
 # --system-site-packages  the venv sees the packages of --python: `python -m venv
 #                         --system-site-packages`, and if --python is itself a venv, its
 #                         site-packages are added through a .pth file (venvs do not chain).
-# --ort-wheel PATH        pip install this onnxruntime(-training) wheel (your source build) first.
+# --ort-wheel PATH        pip install this onnxruntime wheel first: for the CUDA EP on a Jetson,
+#                         NVIDIA's onnxruntime-gpu wheel for your JetPack (Jetson Zoo /
+#                         pypi.jetson-ai-lab); the runtime wheel then goes in without the extra.
 set -euo pipefail
 exec 1>&2   # progress goes to stderr; stdout stays free for the caller (e.g. doctor --json)
 
@@ -392,15 +396,23 @@ if [ -n "$ORTWHEEL" ]; then
   if [ "$NODEPS" = 1 ]; then "${PIP[@]}" install -q --no-deps "$ORTWHEEL"; else "${PIP[@]}" install -q "$ORTWHEEL"; fi
 fi
 WHEEL="$(ls "$PREFIX"/release/wheels/taskedge-*.whl | head -n 1)"
-echo "[3/3] installing $(basename "$WHEEL")$([ "$NODEPS" = 1 ] && echo ' (--no-deps)')"
+# does the venv already see an onnxruntime (onnxruntime-gpu, a CPU wheel, an inherited one)?
+has_ort() { "$VENV/bin/python" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("onnxruntime") is None)'; }
 "${PIP[@]}" uninstall -q -y taskedge >/dev/null 2>&1 || true
 if [ "$NODEPS" = 1 ]; then
+  echo "[3/3] installing $(basename "$WHEEL") (--no-deps)"
   "${PIP[@]}" install -q --no-deps --no-index "$WHEEL"
-else
+elif has_ort; then
+  echo "[3/3] installing $(basename "$WHEEL") (keeping the venv's onnxruntime)"
   "${PIP[@]}" install -q "$WHEEL"
+else
+  echo "[3/3] installing $(basename "$WHEEL")[board] (with the CPU onnxruntime wheel)"
+  "${PIP[@]}" install -q "$WHEEL[board]"
 fi
-"$VENV/bin/python" -c 'import taskedge.runtime, sys; assert "torch" not in sys.modules' \
-  || { echo "install.sh: the runtime does not import; see the pip output above"; exit 1; }
+has_ort || { echo "install.sh: no onnxruntime in $VENV: run without --no-deps, or pass --ort-wheel PATH"; exit 1; }
+"$VENV/bin/python" -c 'import sys, taskedge.runtime.trainer
+assert not [m for m in sys.modules if m.split(".")[0] == "torch" or m.startswith("onnxruntime.training")]' \
+  || { echo "install.sh: the runtime does not import (or it loaded torch); see the output above"; exit 1; }
 
 echo "installed. Next:"
 echo "  $VENV/bin/taskedge doctor --profile $PREFIX/release/profile.toml"

@@ -2,19 +2,21 @@
 
     python tools/smoke.py [--bundle DIR] [--steps N] [--keep DIR]
 
-Two ways to get a bundle, because building ORT training artifacts needs torch
-(`onnxruntime.training.artifacts` imports it) while the board runtime must not:
+Two ways to get a bundle, because exporting one runs ONNX Runtime's gradient builder on the host
+(`onnxruntime.training`, which imports torch) while the board runtime needs neither:
 
 1. `--bundle DIR` or the environment variable TASKEDGE_SMOKE_BUNDLE: use an existing bundle
    (on a board: the one `taskedge flash` installed, PREFIX/release/bundle). Data are random
    inputs of the bundle's input spec with random labels; the test checks mechanics, not accuracy.
-2. Otherwise, if torch is importable (the host): build a tiny MLP with `onnx.helper` (no torch
-   in the model itself), a learnable 3-class task, and export a bundle with `taskedge export`.
+2. Otherwise, if the host tools are importable (onnx, torch, onnxruntime.training): build a tiny
+   MLP with `onnx.helper` (no torch in the model itself), a learnable 3-class task, and export a
+   bundle with `taskedge export`.
 
-Then `taskedge adapt` runs a few steps in a child process in which importing torch is made
-impossible, and the report is checked (steps done, finite loss, update written, checkpoint
-verifies). With neither a bundle nor torch, exits 77 (ctest SKIP_RETURN_CODE): there is
-nothing to train without training artifacts.
+Then `taskedge adapt` runs a few steps on the bundle's step graph in a child process in which
+importing torch and onnxruntime.training is made impossible (as on a board with a plain
+onnxruntime), and the report is checked: steps done, finite loss, update written, the last
+checkpoint's sha256 matches its record and its trainable state loads and is finite. With neither
+a bundle nor the host tools, exits 77 (ctest SKIP_RETURN_CODE): there is nothing to train.
 """
 from __future__ import annotations
 
@@ -31,11 +33,11 @@ from pathlib import Path
 SKIP = 77
 IN, HIDDEN, CLASSES = 16, 32, 3
 
-# A child process that cannot import torch (sys.modules[name] = None makes `import` raise).
-NO_TORCH = ("import sys; sys.modules['torch'] = None; "
-            "from taskedge.runtime.cli import main; rc = main(sys.argv[1:]); "
-            "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None], 'torch was loaded'; "
-            "sys.exit(rc)")
+# A child process that cannot import torch or onnxruntime.training, like a board with a plain
+# onnxruntime (sys.modules[name] = None makes `import` raise; onnxruntime handles the missing package).
+NO_TORCH = ("import sys; sys.modules['torch'] = None; sys.modules['onnxruntime.training'] = None; "
+            "from taskedge.runtime.cli import main; sys.exit(main(sys.argv[1:]))")
+HOST_MODULES = ("onnx", "torch", "onnxruntime.training")
 
 
 def tiny_mlp(path: Path, seed: int = 0) -> None:
@@ -87,6 +89,64 @@ def random_data(manifest, n: int = 64, seed: int = 0) -> dict:
     return arrays
 
 
+def missing_host_modules() -> list:
+    """The modules `taskedge export` needs that this Python lacks (found without importing them)."""
+    import importlib.util
+    import taskedge.runtime  # noqa: F401  (imports onnxruntime without its torch probe)
+    missing = []
+    for name in HOST_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def export_smoke_bundle(work: Path):
+    """Export the onnx.helper MLP with `taskedge export`; returns (bundle, manifest, arrays)."""
+    import numpy as np
+    from taskedge.export.config import ExportConfig
+    from taskedge.export.exporter import export_bundle
+    from taskedge.runtime.bundle import load_bundle
+    from taskedge.runtime.fsutil import atomic_path
+    model = work / "smoke_mlp.onnx"
+    tiny_mlp(model)
+    x, y = task()
+    with atomic_path(work / "calib.npz") as t, open(t, "wb") as f:
+        np.savez(f, x=x, labels=y)
+    bundle = work / "bundle"
+    export_bundle(ExportConfig(model=str(model), out=str(bundle), calib=str(work / "calib.npz"),
+                               budget=0.1, lr=0.05), log=lambda m: None)
+    return bundle, load_bundle(bundle), {"x": x, "labels": y}
+
+
+def check_run(rep: dict, run_dir: Path, manifest, steps: int) -> list:
+    """Problems with an adapt run: step count, loss, update.npz, the last checkpoint."""
+    from taskedge.runtime.checkpoints import CheckpointStore
+    from taskedge.runtime.fsutil import UserError
+    from taskedge.runtime.trainer import TrainState
+    problems = []
+    if rep.get("steps") != steps:
+        problems.append(f"ran {rep.get('steps')} steps, wanted {steps}")
+    last = rep.get("loss", {}).get("last")
+    if not isinstance(last, (int, float)) or not math.isfinite(last):
+        problems.append(f"loss is not finite: {last!r}")
+    if not any(run_dir.rglob("update.npz")):
+        problems.append(f"no update.npz under {run_dir}")
+    good = CheckpointStore(run_dir).latest(warn=problems.append)
+    if good is None:
+        problems.append(f"no checkpoint under {run_dir} passes its sha256 check")
+        return problems
+    try:
+        if not TrainState.from_file(good[0], manifest.trainable_names).finite():
+            problems.append(f"{good[0]}: trainable state is not finite")
+    except UserError as e:
+        problems.append(str(e))
+    return problems
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default=os.environ.get("TASKEDGE_SMOKE_BUNDLE") or None)
@@ -109,24 +169,12 @@ def main(argv=None) -> int:
             arrays = random_data(manifest)
             print(f"smoke: using bundle {bundle} ({manifest.model_name}), random data")
         else:
-            try:
-                import torch  # noqa: F401  (only to know whether artifacts can be generated here)
-            except ImportError:
-                print("smoke: SKIP - no bundle given (--bundle / TASKEDGE_SMOKE_BUNDLE) and torch is not "
-                      "importable, so ORT training artifacts cannot be generated here")
+            missing = missing_host_modules()
+            if missing:
+                print(f"smoke: SKIP - no bundle given (--bundle / TASKEDGE_SMOKE_BUNDLE) and {', '.join(missing)} "
+                      "not importable, so no bundle can be exported here")
                 return SKIP
-            from taskedge.export.config import ExportConfig
-            from taskedge.export.exporter import export_bundle
-            model = work / "smoke_mlp.onnx"
-            tiny_mlp(model)
-            x, y = task()
-            with atomic_path(work / "calib.npz") as t, open(t, "wb") as f:
-                np.savez(f, x=x, labels=y)
-            bundle = work / "bundle"
-            export_bundle(ExportConfig(model=str(model), out=str(bundle), calib=str(work / "calib.npz"),
-                                       budget=0.1, lr=0.05), log=lambda m: None)
-            manifest = load_bundle(bundle)
-            arrays = {"x": x, "labels": y}
+            bundle, manifest, arrays = export_smoke_bundle(work)
             print(f"smoke: exported {bundle} from an onnx.helper MLP: {manifest.update_params} trainable "
                   f"of {manifest.num_weights} weights")
         with atomic_path(data) as t, open(t, "wb") as f:
@@ -140,18 +188,12 @@ def main(argv=None) -> int:
             print(f"smoke: FAIL - adapt exited {r.returncode}:\n{r.stderr[-2000:]}")
             return 1
         rep = json.loads(r.stdout)
-        problems = []
-        if rep.get("steps") != a.steps:
-            problems.append(f"ran {rep.get('steps')} steps, wanted {a.steps}")
-        last = rep.get("loss", {}).get("last")
-        if not isinstance(last, (int, float)) or not math.isfinite(last):
-            problems.append(f"loss is not finite: {last!r}")
-        if not any(run_dir.rglob("update.npz")):
-            problems.append(f"no update.npz under {run_dir}")
+        problems = check_run(rep, run_dir, manifest, a.steps)
         if problems:
             print("smoke: FAIL - " + "; ".join(problems))
             return 1
-        print(f"smoke: OK - {rep['steps']} steps without torch, loss {rep['loss']['first']:.4f} -> {last:.4f}, "
+        print(f"smoke: OK - {rep['steps']} steps without torch or onnxruntime.training, loss "
+              f"{rep['loss']['first']:.4f} -> {rep['loss']['last']:.4f}, "
               f"accuracy {rep['accuracy']['before']:.3f} -> {rep['accuracy']['after']:.3f}")
         return 0
     finally:

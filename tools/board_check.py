@@ -1,0 +1,98 @@
+"""Fixtures for the board-side test suite (tests/board), made on the host.
+
+    python -m taskedge.tools.board_check OUT [--steps 50]
+
+exports the text (MiniLM) and vision (MobileNetV2) demo bundles with ORT's own training
+artifacts beside them (`ExportConfig.ort_reference`), and runs ORT-training's path on them for
+`--steps` steps with exactly the schedule, data order and batch `taskedge adapt` uses: the loss
+curve the board's standard-ONNX step graph must reproduce. Writes OUT/board.json.
+
+tests/board then runs in a venv that holds only plain onnxruntime, numpy and psutil (.ci/board.sh).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+TASKS = {
+    "text": dict(factory="taskedge.tools.demo_models:minilm_sentiment", classes=2, budget=0.001, lr=0.01,
+                 batch=16, n_train=400, n_test=200),
+    "vision": dict(factory="taskedge.tools.demo_models:mobilenet_v2_digits", classes=10, budget=0.01, lr=0.003,
+                   batch=16, n_test=200),
+}
+SEED, WARMUP, SCHEDULE = 0, 10, "cosine"
+
+
+def _log(msg: str) -> None:
+    print(f"[board-check] {msg}", file=sys.stderr, flush=True)
+
+
+def reference_losses(folder: Path, train: dict, names: list, steps: int, batch: int, lr: float) -> list:
+    """ORT-training (tools/ort_training.py) on its own artifacts, with adapt's schedule and data order."""
+    import taskedge.runtime  # noqa: F401  (onnxruntime without the torch probe)
+    from taskedge.runtime.adapt import batch_indices, lr_at
+    from taskedge.tools.ort_training import open_artifacts
+
+    _, trainer = open_artifacts(folder)
+    losses = []
+    n = len(train["labels"])
+    for step in range(steps):
+        idx = batch_indices(step, n, batch, SEED)
+        losses.append(float(trainer.train_step([train[k][idx] for k in names + ["labels"]])[0]))
+        trainer.lr = lr_at(step, steps, lr, SCHEDULE, WARMUP)
+        trainer.optimizer_step()
+    return losses
+
+
+def prepare(out: Path, steps: int, tasks=("text", "vision")) -> dict:
+    from taskedge.export.config import ExportConfig
+    from taskedge.export.exporter import export_bundle
+    from taskedge.tools import demo_data as D
+
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"steps": steps, "seed": SEED, "warmup": WARMUP, "schedule": SCHEDULE, "tasks": {}}
+    for task in tasks:
+        cfg = TASKS[task]
+        t0 = time.perf_counter()
+        d = D.text_sentiment(n_train=cfg["n_train"], n_test=cfg["n_test"], seed=SEED) if task == "text" \
+            else D.vision_digits("imagenet", seed=SEED)
+        if cfg.get("n_test"):
+            d["test"] = {k: a[: cfg["n_test"]] for k, a in d["test"].items()}
+        folder = out / task
+        folder.mkdir(exist_ok=True)
+        D.write_npz(folder / "train.npz", d["train"])
+        D.write_npz(folder / "test.npz", d["test"])
+        man = export_bundle(ExportConfig(model=cfg["factory"], out=str(folder / "bundle"),
+                                         calib=str(folder / "train.npz"), budget=cfg["budget"],
+                                         num_classes=cfg["classes"], seed=SEED,
+                                         ort_reference=str(folder / "ort_reference")), log=lambda m: None)
+        names = [s.name for s in man.inputs]
+        losses = reference_losses(folder / "ort_reference", d["train"], names, steps, cfg["batch"], cfg["lr"])
+        info["tasks"][task] = {"lr": cfg["lr"], "batch": cfg["batch"], "reference_losses": losses,
+                               "weights_bytes": man.files["weights.bin"]["bytes"]}
+        _log(f"{task}: bundle + ORT-training reference ({steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}) "
+             f"in {time.perf_counter() - t0:.0f}s")
+    (out / "board.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m taskedge.tools.board_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="folder for the bundles, data and board.json")
+    p.add_argument("--steps", type=int, default=50, help="steps of the reference loss curve (default 50)")
+    p.add_argument("--task", action="append", choices=sorted(TASKS), help="only these tasks (default: all)")
+    a = p.parse_args(argv)
+    if a.steps < 1:
+        p.error(f"--steps {a.steps}: must be >= 1")
+    prepare(Path(a.out), a.steps, tuple(a.task or TASKS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
