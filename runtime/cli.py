@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="host: score, allocate, rewrite and write a training bundle",
                        description="Calibrate on task data, score |W|*||X||, give every output neuron the same k "
-                                   "trainable inputs, rewrite the ONNX graph and build ORT training artifacts.")
+                                   "trainable inputs, rewrite the ONNX graph, derive the backward graph with ORT's "
+                                   "gradient builder and lower it to a standard-ONNX step graph the board runs on "
+                                   "plain onnxruntime.")
     e.add_argument("model", help="an .onnx file, or package.module:factory returning (module, example[, meta])")
     e.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
     e.add_argument("--calib", help=".npz with arrays named after the model inputs (target-task data)")
@@ -136,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_inspect)
 
     ad = sub.add_parser("adapt", help="board: sparse adaptation under memory and energy budgets",
-                        description="Train the bundle's sparse update on the board with ONNX Runtime's training "
-                                    "API. Stops at --steps/--epochs, --max-seconds or the energy budget, "
+                        description="Train the bundle's sparse update on the board: its step graph on plain "
+                                    "onnxruntime, AdamW on the trainable state. Stops at --steps/--epochs, --max-seconds or the energy budget, "
                                     "whichever comes first, and always leaves a checkpoint.")
     ad.add_argument("bundle")
     ad.add_argument("--data", required=True, help=".npz (inputs + labels), .jsonl text, or an image folder")
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(default RUN_DIR/control.json)")
     ad.add_argument("--seed", type=int, default=0, help="data order seed")
     ad.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (default: ORT's choice)")
-    ad.add_argument("--device", default="cpu", help="cpu, or cuda[:N] with an ORT built with CUDA (default cpu)")
+    ad.add_argument("--device", default="cpu", help="cpu, or cuda[:N] with NVIDIA's onnxruntime-gpu (JetPack) installed (default cpu)")
     ad.add_argument("--quiet", action="store_true", help="no progress output")
     ad.add_argument("--json", action="store_true", help="print the final report as JSON")
     ad.set_defaults(fn=cmd_adapt)

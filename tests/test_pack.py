@@ -63,8 +63,9 @@ def test_pack_contents_and_roundtrip(packed, mlp_bundle, tmp_path):
 
 
 def run_install(tar, prefix, *opts):
-    """The archive's install.sh, offline (PIP_NO_INDEX), with this interpreter as the board's python."""
-    env = dict(os.environ, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    """The archive's install.sh, offline (no index, no find-links, no pip config), with this interpreter
+    as the board's python."""
+    env = dict(os.environ, PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1")
     env.pop("PIP_FIND_LINKS", None)
     script = tarfile.open(tar).extractfile("install.sh").read().decode()
     return subprocess.run(["bash", "-s", "--", "--tar", str(tar), "--prefix", str(prefix), "--python", sys.executable,

@@ -32,13 +32,19 @@ def _log(msg: str) -> None:
     print(f"[board-check] {msg}", file=sys.stderr, flush=True)
 
 
-def reference_losses(folder: Path, train: dict, names: list, steps: int, batch: int, lr: float) -> list:
-    """ORT-training (tools/ort_training.py) on its own artifacts, with adapt's schedule and data order."""
+def reference_losses(folder: Path, train: dict, names: list, steps: int, batch: int, lr: float,
+                     nudge: float = 0.0) -> list:
+    """ORT-training (tools/ort_training.py) on its own artifacts, with adapt's schedule and data order.
+    `nudge`: scale the head's weights by (1 + nudge) first (1e-7 is about one float32 ulp): how far
+    the reference itself moves from a rounding-sized change tells how chaotic the run is."""
     import taskedge.runtime  # noqa: F401  (onnxruntime without the torch probe)
     from taskedge.runtime.adapt import batch_indices, lr_at
     from taskedge.tools.ort_training import open_artifacts
 
-    _, trainer = open_artifacts(folder)
+    ck, trainer = open_artifacts(folder)
+    if nudge:
+        from taskedge.export.rewrite import HEAD_WEIGHT
+        ck.set(HEAD_WEIGHT, (ck.get(HEAD_WEIGHT) * np.float32(1 + nudge)).astype(np.float32))
     losses = []
     n = len(train["labels"])
     for step in range(steps):
@@ -73,9 +79,12 @@ def prepare(out: Path, steps: int, tasks=("text", "vision")) -> dict:
                                          ort_reference=str(folder / "ort_reference")), log=lambda m: None)
         names = [s.name for s in man.inputs]
         losses = reference_losses(folder / "ort_reference", d["train"], names, steps, cfg["batch"], cfg["lr"])
+        nudged = reference_losses(folder / "ort_reference", d["train"], names, steps, cfg["batch"], cfg["lr"], 1e-7)
         info["tasks"][task] = {"lr": cfg["lr"], "batch": cfg["batch"], "reference_losses": losses,
+                               "reference_ulp_sensitivity": float(np.abs(np.subtract(losses, nudged)).max()),
                                "weights_bytes": man.files["weights.bin"]["bytes"]}
-        _log(f"{task}: bundle + ORT-training reference ({steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}) "
+        _log(f"{task}: bundle + ORT-training reference ({steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
+             f"a 1-ulp nudge of the head moves it by {info['tasks'][task]['reference_ulp_sensitivity']:.2e}) "
              f"in {time.perf_counter() - t0:.0f}s")
     (out / "board.json").write_text(json.dumps(info, indent=1))
     return info

@@ -2,7 +2,7 @@
 
     python -m taskedge.tools.formulations [--model mlp|minilm|cnn] [--batch 64] [--steps 20]
 
-Exports the same model once per formulation and times ORT train steps (forward,
+Exports the same model once per formulation and times step-graph steps on plain onnxruntime (forward,
 backward, AdamW) in one process, interleaved round-robin so machine noise hits all alike.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def measure(model: str, batch: int, steps: int) -> list:
     from taskedge.export.config import ExportConfig
     from taskedge.export.exporter import export_bundle
     from taskedge.runtime import bundle as B
-    from taskedge.runtime.ort_train import Checkpoint, Trainer
+    from taskedge.runtime.trainer import Trainer, TrainState
 
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
@@ -61,8 +61,8 @@ def measure(model: str, batch: int, steps: int) -> list:
             export_bundle(ExportConfig(model=src, out=str(out), calib=str(tmp / "d.npz"), budget=budget,
                                        num_classes=2 if model == "minilm" else 10, sparse_backward=sparse,
                                        formulation={op: form for op in ops}), log=lambda m: None)
-            ck = Checkpoint(out / B.CHECKPOINT)
-            trainers[label] = Trainer(out / B.TRAINING_MODEL, out / B.EVAL_MODEL, out / B.OPTIMIZER_MODEL, ck)
+            man = B.load_bundle(out)
+            trainers[label] = Trainer(out, man, TrainState.initial(out, man))
         names = [n for n in arrays if n != "labels"]
         feed = [arrays[n][:batch] for n in names] + [np.zeros(batch, np.int64)]
         times = {label: [] for label in trainers}
@@ -88,7 +88,8 @@ def main(argv=None) -> int:
         print(json.dumps(rows, indent=2))
     else:
         base = rows[-1]["median_ms"]
-        print(f"{a.model}, batch {a.batch}, median of {a.steps} ORT train steps (fwd+bwd+AdamW):")
+        print(f"{a.model}, batch {a.batch}, median of {a.steps} step-graph steps on plain onnxruntime "
+              "(fwd+bwd+AdamW):")
         for r in rows:
             print(f"  {r['formulation']:16s} {r['median_ms']:8.2f} ms  ({r['median_ms'] / base:.2f}x scatter)")
     return 0
