@@ -25,7 +25,7 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# the board side: plain onnxruntime in its own venv (.venv-board), on bundles exported here
+# the board side: plain onnxruntime in venvs of their own (.venv-board-*), on bundles exported here
 test-board: $(STAMP)
 	bash .ci/board.sh
 
@@ -39,4 +39,4 @@ bench: $(STAMP)
 	$(VENV)/bin/taskedge bench --quick
 
 clean:
-	rm -rf $(VENV) .venv-board build .pytest_cache
+	rm -rf $(VENV) .venv-board-* build .pytest_cache
