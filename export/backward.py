@@ -13,7 +13,7 @@ reads `rows * k` entries. For each such layer this pass
 
 Conv layers (Conv, depthwise and grouped included): ConvGrad's dense weight gradient is dropped
 (its dX stays, lowered to ConvTranspose) and each selected entry's gradient is computed directly,
-grouped by kernel offset (_rewrite_conv_layer).
+grouped by kernel offset; depthwise layers keep their constant weight (backward_conv.py).
 
 All are exact: the same products are summed, only over fewer columns. A layer whose graph
 does not show the expected pattern keeps ORT's dense gradient (`backward: dense`).
@@ -28,7 +28,8 @@ from onnx import helper, numpy_helper
 
 from taskedge.runtime.bundle import LayerAllocation
 
-from .graphedit import Emitter, GraphEdit
+from .backward_conv import rewrite_conv_layer
+from .graphedit import GraphEdit
 from .layers import node_attr
 from .rewrite import FORWARD_TIE, tie_after
 
@@ -109,60 +110,6 @@ def _rewrite_layer(G: GraphEdit, layer: LayerAllocation, idx_rows: np.ndarray) -
     return True
 
 
-def _rewrite_conv_layer(G: GraphEdit, layer: LayerAllocation, idx_rows: np.ndarray) -> bool:
-    """Conv: drop ConvGrad's dense weight gradient; compute the gradient of each selected entry
-    (o, c, offset) as sum(dy[:, o] * x_pad[:, c_abs, offset + stride * p]), grouped by kernel offset
-    (a channel Gather, a strided Slice, Mul, ReduceSum each)."""
-    w = layer.weight
-    wp, scattered = f"{w}.taskedge_w_new", f"{w}.taskedge_w_scattered"
-    scatter = G.producer.get(scattered)
-    grads = [n for n in G.consumers.get(wp, []) if n.op_type == "ConvGrad" and n.input[2] == wp]
-    if scatter is None or scatter.op_type != "ScatterElements" or len(grads) != 1:
-        return False
-    cg = grads[0]
-    upd_grad = scatter.input[2] + "_grad"
-    pick = G.producer.get(upd_grad)
-    if pick is None or pick.op_type != "GatherElements" or pick.input[0] != scattered + "_grad":
-        return False
-    kernel = [int(k) for k in layer.weight_shape[2:]]
-    spatial = len(kernel)
-    strides = list(node_attr(cg, "strides", [1] * spatial))
-    dil = list(node_attr(cg, "dilations", [1] * spatial))
-    pads = list(node_attr(cg, "pads", [0] * 2 * spatial))
-    auto_pad = node_attr(cg, "auto_pad", b"NOTSET")
-    if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in ("NOTSET", "VALID"):
-        return False
-    rows, cg_in = layer.weight_shape[0], layer.weight_shape[1]
-    group = int(node_attr(cg, "group", 1))
-    dy, x = cg.input[0], cg.input[1]
-    e = Emitter(G, f"{w}.taskedge_sbconv")
-    if any(pads):
-        x = e("Pad", [x, e.c([0, 0] + pads[:spatial] + [0, 0] + pads[spatial:])])
-    out_sp = e("Slice", [e("Shape", [dy]), e.c([2]), e.c([2 + spatial])])
-    axes_sp = e.c(list(range(2, 2 + spatial)))
-    o_idx = np.repeat(np.arange(rows), idx_rows.shape[1])                 # entry order = delta's [rows, k]
-    flat = idx_rows.reshape(-1).astype(np.int64)
-    chan = flat // int(np.prod(kernel))
-    offs = np.stack(np.unravel_index(flat % int(np.prod(kernel)), kernel), -1)   # [entries, spatial]
-    c_abs = (o_idx // (rows // group)) * cg_in + chan
-    parts, order = [], []
-    for off in np.unique(offs, axis=0):
-        sel = np.where((offs == off).all(1))[0]
-        start = [int(o) * d for o, d in zip(off, dil)]
-        end = e("Add", [e("Mul", [e("Sub", [out_sp, e.c([1] * spatial)]), e.c(strides)]),
-                        e.c([s + 1 for s in start])])
-        xs = e("Slice", [e("Gather", [x, e.c(c_abs[sel])], axis=1), e.c(start), end, axes_sp, e.c(strides)])
-        ds = e("Gather", [dy, e.c(o_idx[sel])], axis=1)
-        parts.append(e("ReduceSum", [e("Mul", [xs, ds]), e.c([0] + list(range(2, 2 + spatial)))], keepdims=0))
-        order.append(sel)
-    vals = e("Concat", parts, axis=0) if len(parts) > 1 else parts[0]
-    inverse = np.argsort(np.concatenate(order))                            # back to delta's order
-    e("Reshape", [e("Gather", [vals, e.c(inverse)], axis=0), e.c(list(idx_rows.shape))], upd_grad)
-    G.replace(pick, e.nodes)
-    cg.output[1] = ""                                                       # no dense weight gradient
-    return True
-
-
 def sparsify_backward(model: onnx.ModelProto, table: List[LayerAllocation],
                       indices: Dict[str, np.ndarray]) -> int:
     """Rewrite the training graph in place; marks each rewritten layer `backward="sparse"`.
@@ -172,7 +119,7 @@ def sparsify_backward(model: onnx.ModelProto, table: List[LayerAllocation],
     for layer in table:
         if layer.formulation != "scatter":
             continue
-        rewrite = _rewrite_conv_layer if layer.op == "Conv" else _rewrite_layer
+        rewrite = rewrite_conv_layer if layer.op == "Conv" else _rewrite_layer
         if rewrite(G, layer, indices[layer.weight]):
             layer.backward = "sparse"
             done += 1

@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import onnx
-from onnx import helper, shape_inference
+from onnx import helper, numpy_helper, shape_inference
 
 from taskedge.runtime.fsutil import UserError
 
@@ -66,6 +66,7 @@ class Context:
 
     def __init__(self, model: onnx.ModelProto):
         self.used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        self.inits = {t.name: t for t in model.graph.initializer}
         self.rank: Dict[str, int] = {}
         self.shape: Dict[str, list] = {}           # static dims where known (None for a symbolic one)
         try:
@@ -297,7 +298,11 @@ def _conv_grad(e, node, ctx):
     if len(kernel) != spatial:
         raise UserError(f"ConvGrad {node.name}: no kernel_shape attribute; cannot lower it")
     strides, dilations, pads, group = _conv_attrs(node, spatial)
-    if _out(node, 0):       # dX with the inference ConvTranspose kernel, cropped to x's shape
+    reach = [(k - 1) * d for k, d in zip(kernel, dilations)]
+    weight = _flipped_transposed_kernel(e, w, ctx, kernel, group) if _out(node, 0) else None
+    if weight is not None and all(p <= r for p, r in zip(pads, reach + reach)) and (spatial == 2 or max(strides) == 1):
+        _conv_input_grad(e, node, dy, x, weight, kernel, strides, dilations, pads, group, ctx)
+    elif _out(node, 0):     # dX with the inference ConvTranspose kernel, cropped to x's shape
         full = e("ConvTranspose", [dy, w], strides=strides, dilations=dilations, group=group, pads=pads,
                  kernel_shape=kernel, output_padding=[s - 1 for s in strides])
         axes = list(range(2, 2 + spatial))
@@ -307,6 +312,63 @@ def _conv_grad(e, node, ctx):
         _conv_weight_grad(e, node, dy, x, w, kernel, strides, dilations, pads, group, node.output[1])
     if _out(node, 2):
         _reduce(e, "ReduceSum", dy, [0] + list(range(2, 2 + spatial)), keepdims=0, out=node.output[2])
+
+
+def zero_upsample(e: Emitter, t: str, strides: List[int]) -> str:
+    """[N, C, *S] -> [N, C, *((S - 1) * s + 1)] with s - 1 zeros between neighbours (2-D spatial)."""
+    if all(s == 1 for s in strides):
+        return t
+    sh, sw = strides
+    u = e("Unsqueeze", [t, e.c([3, 5])])                                           # [N, C, H, 1, W, 1]
+    u = e("Pad", [u, e.c([0] * 6 + [0, 0, 0, sh - 1, 0, sw - 1])])                 # [N, C, H, sh, W, sw]
+    dims = e("Shape", [t])
+    hw = e("Mul", [e("Slice", [dims, e.c([2]), e.c([4])]), e.c([sh, sw])])
+    u = e("Reshape", [u, e("Concat", [e("Slice", [dims, e.c([0]), e.c([2])]), hw], axis=0)])
+    keep = e("Sub", [hw, e.c([sh - 1, sw - 1])])
+    return e("Slice", [u, e.c([0, 0]), keep, e.c([2, 3])])
+
+
+def _flipped_transposed_kernel(e: Emitter, w: str, ctx: Context, kernel: List[int], group: int) -> Optional[str]:
+    """The kernel of dX as a Conv: W [O, Cg, *k] flipped in space and transposed within each group
+    -> [G*Cg, O/G, *k]. Precomputed for a constant weight; a few small ops for a computed one."""
+    flip = tuple(slice(None, None, -1) for _ in kernel)
+    if w in ctx.inits:
+        wa = numpy_helper.to_array(ctx.inits[w])
+        o, cg = wa.shape[:2]
+        wt = wa[(slice(None), slice(None)) + flip].reshape(group, o // group, cg, *kernel).swapaxes(1, 2)
+        return e.edit.const(f"{w}.taskedge_dx_kernel", np.ascontiguousarray(wt.reshape(group * cg, o // group, *kernel)))
+    shape = ctx.shape.get(w)
+    if not shape or any(d is None for d in shape[:2]):
+        return None
+    o, cg = shape[:2]
+    grouped = e("Reshape", [w, e.c([group, o // group, cg] + kernel)])
+    swapped = e("Transpose", [grouped], perm=[0, 2, 1] + list(range(3, 3 + len(kernel))))
+    wt = e("Reshape", [swapped, e.c([group * cg, o // group] + kernel)])
+    if all(k == 1 for k in kernel):
+        return wt
+    n = len(kernel)
+    return e("Slice", [wt, e.c([-1] * n), e.c([-(2 ** 62)] * n), e.c(list(range(2, 2 + n))), e.c([-1] * n)])
+
+
+def _conv_input_grad(e, node, dy, x, weight, kernel, strides, dilations, pads, group, ctx):
+    """dX as a plain Conv (onnxruntime's fast, prepacked path when the weight is constant): dy,
+    zero-upsampled by the stride, padded by (k-1)*d - pad, convolved with the flipped kernel."""
+    spatial = len(kernel)
+    up = zero_upsample(e, dy, strides)
+    begin = [(k - 1) * d - p for k, d, p in zip(kernel, dilations, pads[:spatial])]
+    xs = ctx.shape.get(x)
+    if xs and len(xs) == 2 + spatial and all(isinstance(v, int) and v > 0 for v in xs[2:]):
+        out = [(h + pb + pe - (k - 1) * d - 1) // s + 1 for h, pb, pe, k, d, s in
+               zip(xs[2:], pads[:spatial], pads[spatial:], kernel, dilations, strides)]
+        end = [h + pb - ((o - 1) * s + 1) for h, pb, o, s in zip(xs[2:], pads[:spatial], out, strides)]
+        e("Conv", [up, weight], node.output[0], dilations=dilations, group=group, kernel_shape=kernel,
+          pads=begin + end)                                                   # static: no Pad op
+        return
+    x_sp = e("Slice", [e("Shape", [x]), e.c([2]), e.c([2 + spatial])])
+    up_sp = e("Slice", [e("Shape", [up]), e.c([2]), e.c([2 + spatial])])
+    end = e("Sub", [e("Add", [x_sp, e.c(pads[:spatial])]), up_sp])               # H + pb - U (>= 0)
+    pad = e("Concat", [e.c([0, 0] + begin), e.c([0, 0]), end], axis=0)
+    e("Conv", [e("Pad", [up, pad]), weight], node.output[0], dilations=dilations, group=group, kernel_shape=kernel)
 
 
 def _conv_weight_grad(e, node, dy, x, w, kernel, strides, dilations, pads, group, out):
@@ -506,6 +568,31 @@ def runs_on_plain_ort(node: onnx.NodeProto) -> bool:
     return node.domain == MS and node.op_type in KEPT_CONTRIB
 
 
+def simplify_masked_gradients(model: onnx.ModelProto) -> int:
+    """ORT's gradient of Clip (ReLU6) and similar: Mul(dy, Cast(mask, float)) -> Where(mask, dy, 0),
+    one pass instead of two. Returns how many were rewritten."""
+    edit = GraphEdit(model)
+    done = 0
+    for node in model.graph.node:
+        if node.op_type != "Mul" or node.domain not in STANDARD_DOMAINS:
+            continue
+        for i, other in ((0, 1), (1, 0)):
+            cast = edit.producer.get(node.input[i])
+            if cast is None or cast.op_type != "Cast" or node_attr(cast, "to", 0) != onnx.TensorProto.FLOAT:
+                continue
+            mask = edit.producer.get(cast.input[0])
+            if mask is None or mask.op_type not in ("And", "Or", "Not", "Greater", "Less", "GreaterOrEqual",
+                                                     "LessOrEqual", "Equal"):
+                continue
+            e = Emitter(edit, f"{node.name or node.output[0]}/where")
+            e("Where", [cast.input[0], node.input[other], e.c(0.0, np.float32)], node.output[0])
+            edit.replace(node, e.nodes)
+            done += 1
+            break
+    edit.commit()                       # a Cast no longer read is dropped with the dead nodes
+    return done
+
+
 def lower(model: onnx.ModelProto) -> Dict[str, int]:
     """Replace every training-only op in place; returns {op: count}. Unknown non-standard ops
     are an error naming them (nothing is half-lowered: the model is only changed on success)."""
@@ -525,4 +612,5 @@ def lower(model: onnx.ModelProto) -> Dict[str, int]:
         edit.replace(node, e.nodes)
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     edit.commit()
+    simplify_masked_gradients(model)
     return counts

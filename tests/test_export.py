@@ -348,11 +348,30 @@ def test_step_graph_matches_ort_training_graph(tmp_path, cnn_onnx, mlp_onnx, mod
         np.testing.assert_allclose(g, want_grads[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_sparse_conv_backward_equals_dense(tmp_path, cnn_onnx):
-    """export/backward.py's conv rewrite (selected entries by kernel offset) against ORT's dense ConvGrad."""
+def _strided_cnn(path):
+    """Stride-2 full and depthwise convs (odd and even sizes), ReLU6, as MobileNetV2 has them."""
+    import torch
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, stride=2, padding=1), torch.nn.ReLU6(),
+                              torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), torch.nn.ReLU6(),
+                              torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8), torch.nn.ReLU6(),
+                              torch.nn.Conv2d(8, 12, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(12, 4))
+    torch.onnx.export(net.eval(), (torch.randn(2, 1, 9, 9),), str(path), dynamo=False, input_names=["pixels"],
+                      output_names=["y"], dynamic_axes={"pixels": {0: "b"}, "y": {0: "b"}}, opset_version=17)
+    return path
+
+
+@pytest.mark.parametrize("model", ["cnn", "strided"])
+def test_sparse_conv_backward_equals_dense(tmp_path, cnn_onnx, model):
+    """export/backward_conv.py (selected entries by kernel offset; depthwise layers on their constant
+    weight) against ORT's dense ConvGrad on the scattered weight."""
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((8, 1, 8, 8)).astype(np.float32)
+    size = 8 if model == "cnn" else 9
+    x = rng.standard_normal((8, 1, size, size)).astype(np.float32)
     np.savez(tmp_path / "c.npz", pixels=x)
+    if model == "strided":
+        cnn_onnx = _strided_cnn(tmp_path / "strided.onnx")
     grads = {}
     for sparse in (True, False):
         out = tmp_path / f"b{sparse}"

@@ -24,13 +24,14 @@ def softmax(x, axis=-1):
     return (e / e.sum(axis, keepdims=True)).astype(F)
 
 
-def _model(op, domain, feeds, n_out, attrs, out_shapes=None, out_type=TensorProto.FLOAT):
+def _model(op, domain, feeds, n_out, attrs, out_shapes=None, out_type=TensorProto.FLOAT, constants=()):
     vi = lambda n, a: helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
+    inits = [onnx.numpy_helper.from_array(feeds[n], n) for n in constants]
     outs = [f"out{i}" for i in range(n_out)]
     node = helper.make_node(op, list(feeds), outs, name=f"{op}_node", domain=domain, **attrs)
     outputs = [helper.make_tensor_value_info(o, out_type, out_shapes[i] if out_shapes else None)
                for i, o in enumerate(outs)]
-    g = helper.make_graph([node], "g", [vi(n, a) for n, a in feeds.items()], outputs)
+    g = helper.make_graph([node], "g", [vi(n, a) for n, a in feeds.items() if n not in constants], outputs, inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)], ir_version=8)
 
 
@@ -41,8 +42,9 @@ def _run(model, feeds):
 
 
 def check(op, feeds, n_out=1, domain=MS, out_shapes=None, rtol=1e-5, atol=1e-5, out_type=TensorProto.FLOAT,
-          **attrs):
-    model = _model(op, domain, feeds, n_out, attrs, out_shapes, out_type)
+          constants=(), **attrs):
+    model = _model(op, domain, feeds, n_out, attrs, out_shapes, out_type, constants)
+    feeds = {n: a for n, a in feeds.items() if n not in constants}
     want = _run(model, feeds)
     lowered = onnx.ModelProto()
     lowered.CopyFrom(model)
@@ -132,7 +134,16 @@ def test_conv_grads():
         y = _run(conv, {"x": x, "w": w})[0]
         full = dict(kernel_shape=list(ws[2:]), strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1], group=1)
         full.update(attrs)
-        check(_t("ConvGrad"), {"dy": rnd(*y.shape), "x": x, "w": w}, n_out=3, rtol=1e-4, atol=1e-4, **full)
+        feeds = {"dy": rnd(*y.shape), "x": x, "w": w}
+        check(_t("ConvGrad"), feeds, n_out=3, rtol=1e-4, atol=1e-4, **full)
+        # a constant weight: dX as a plain Conv on the zero-upsampled dy (no dW asked, as in TaskEdge graphs)
+        model = _model("ConvGrad", MS, feeds, 1, full, constants=("w",))
+        lowered = onnx.ModelProto()
+        lowered.CopyFrom(model)
+        lower(lowered)
+        assert "ConvTranspose" not in {n.op_type for n in lowered.graph.node}
+        live = {"dy": feeds["dy"], "x": x}
+        np.testing.assert_allclose(_run(lowered, live)[0], _run(model, live)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_gather_scatter_slice():

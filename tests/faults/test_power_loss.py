@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from .conftest import (adapt_args, adapt_ok, checkpoint_files, cli_cmd, committed_checkpoints_load, kill,
                        load_update, same_update, temp_files, wait_for)
 
-STEPS, EVERY, SEED = 200, 2, 3
+STEPS, EVERY, SEED = 1000, 2, 3      # ~2.3 s of MLP steps on the step graph: kills land mid-run
 COMMON = ("--steps", STEPS, "--checkpoint-every", EVERY, "--seed", SEED, "--lr", "0.01")
 
 
@@ -67,6 +68,7 @@ def kill_and_resume(bundle, data, run_dir, kills, rng, in_write_every=0, delay="
             wait_for(lambda: p.poll() is not None, timeout=rng.uniform(0.3, 2.2))
         if p.poll() is not None:       # finished before we got to kill it: start over in a fresh lap
             p.communicate()
+            shutil.rmtree(run_dir, ignore_errors=True)
             continue
         kill(p)
         p.stdout.close(), p.stderr.close()

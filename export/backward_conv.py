@@ -1,0 +1,171 @@
+"""Sparse backward for Conv layers (called by backward.py on ORT's generated training graph).
+
+Every selected entry (o, c, offset) of a conv weight reads the strided window
+`x_pad[:, c, offset*d + s*p]`; call its stack over the entries P [N, entries, Ho, Wo]. Then
+
+    gradient of the entry  = sum over n, p of dy[:, o] * P[:, entry]
+
+Full and pointwise convs compute P by a channel Gather and a strided Slice per kernel offset and
+drop ConvGrad's dense weight gradient. Depthwise convs (which onnxruntime runs slowly with a
+non-constant weight) are rebuilt around the constant weight W: P_j is a depthwise conv of x with
+a constant one-hot kernel (entry j of every channel), and
+
+    forward   y  = Conv(x, W) + sum_j delta[:, j] * P_j
+    backward  d delta[:, j] = sum(dy * P_j),   dx = ConvGrad_dX(dy, W) + sum_j ConvGrad_dX(dy * delta[:, j], one-hot j)
+
+so every conv of the step runs on a constant weight (onnxruntime's prepacked NCHWc kernels;
+lower.py turns ConvGrad's dX into a plain Conv). All of it is exact.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+import onnx
+
+from taskedge.runtime.bundle import LayerAllocation
+
+from .graphedit import Emitter, GraphEdit
+from .layers import node_attr
+from .lower import zero_upsample
+
+
+class _Conv:
+    """The pieces of one scatter-path conv layer in ORT's training graph, and its selection."""
+
+    def __init__(self, G: GraphEdit, layer: LayerAllocation, idx_rows: np.ndarray):
+        w = self.w = layer.weight
+        self.ok = False
+        wp, scattered = f"{w}.taskedge_w_new", f"{w}.taskedge_w_scattered"
+        self.scatter = G.producer.get(scattered)
+        grads = [n for n in G.consumers.get(wp, []) if n.op_type == "ConvGrad" and n.input[2] == wp]
+        fwds = [n for n in G.consumers.get(wp, []) if n.op_type == "Conv" and n.input[1] == wp]
+        if self.scatter is None or self.scatter.op_type != "ScatterElements" or len(grads) != 1 or len(fwds) != 1:
+            return
+        self.cg, self.fwd = grads[0], fwds[0]
+        self.upd_grad = self.scatter.input[2] + "_grad"
+        self.pick = G.producer.get(self.upd_grad)
+        if self.pick is None or self.pick.op_type != "GatherElements" or self.pick.input[0] != scattered + "_grad":
+            return
+        auto_pad = node_attr(self.cg, "auto_pad", b"NOTSET")
+        if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in ("NOTSET", "VALID"):
+            return
+        self.kernel = [int(k) for k in layer.weight_shape[2:]]
+        sp = self.spatial = len(self.kernel)
+        self.strides = list(node_attr(self.cg, "strides", [1] * sp))
+        self.dil = list(node_attr(self.cg, "dilations", [1] * sp))
+        self.pads = list(node_attr(self.cg, "pads", [0] * 2 * sp))
+        self.group = int(node_attr(self.cg, "group", 1))
+        self.rows, cg_in = layer.weight_shape[0], layer.weight_shape[1]
+        self.k = idx_rows.shape[1]
+        self.shape = idx_rows.shape
+        self.idx = idx_rows
+        self.depthwise = cg_in == 1 and self.group == self.rows and sp == 2
+        o_idx = np.repeat(np.arange(self.rows), self.k)                     # entry order = delta's [rows, k]
+        flat = idx_rows.reshape(-1).astype(np.int64)
+        offs = np.stack(np.unravel_index(flat % int(np.prod(self.kernel)), self.kernel), -1)
+        c_abs = (o_idx // (self.rows // self.group)) * cg_in + flat // int(np.prod(self.kernel))
+        # entries grouped by kernel offset (one strided slice each); `order` = entry index per position
+        self.groups, order = [], []
+        for off in np.unique(offs, axis=0):
+            sel = np.where((offs == off).all(1))[0]
+            self.groups.append(([int(o) * d for o, d in zip(off, self.dil)], c_abs[sel], len(order), len(sel)))
+            order.extend(sel.tolist())
+        self.order = np.array(order)
+        self.inverse = np.argsort(self.order)                              # positions back to entry order
+        self.o_of = o_idx[self.order]                                       # output channel per position
+        self.ok = True
+
+    def windows(self, e: Emitter, x: str, out_sp: str) -> str:
+        """P [N, entries (grouped), Ho, Wo]: the input window of every selected entry."""
+        axes = e.c(list(range(2, 2 + self.spatial)))
+        parts = []
+        for start, chans, _, _ in self.groups:
+            end = e("Add", [e("Mul", [e("Sub", [out_sp, e.c([1] * self.spatial)]), e.c(self.strides)]),
+                            e.c([s + 1 for s in start])])
+            parts.append(e("Slice", [e("Gather", [x, e.c(chans)], axis=1), e.c(start), end, axes, e.c(self.strides)]))
+        return e("Concat", parts, axis=1) if len(parts) > 1 else parts[0]
+
+    def padded(self, e: Emitter, x: str) -> str:
+        sp = self.spatial
+        return e("Pad", [x, e.c([0, 0] + self.pads[:sp] + [0, 0] + self.pads[sp:])]) if any(self.pads) else x
+
+
+def rewrite_conv_layer(G: GraphEdit, layer: LayerAllocation, idx_rows: np.ndarray) -> bool:
+    c = _Conv(G, layer, idx_rows)
+    if not c.ok:
+        return False
+    return _constant_weight_depthwise(G, c) if c.depthwise else _sparse_weight_grad(G, c)
+
+
+def _sparse_weight_grad(G: GraphEdit, c: _Conv) -> bool:
+    """Drop ConvGrad's dense weight gradient; the selected entries' gradients from P and dy."""
+    dy, x = c.cg.input[0], c.cg.input[1]
+    e = Emitter(G, f"{c.w}.taskedge_sbconv")
+    out_sp = e("Slice", [e("Shape", [dy]), e.c([2]), e.c([2 + c.spatial])])
+    p = c.windows(e, c.padded(e, x), out_sp)
+    dys = e("Gather", [dy, e.c(c.o_of)], axis=1)
+    vals = e("ReduceSum", [e("Mul", [p, dys]), e.c([0] + list(range(2, 2 + c.spatial)))], keepdims=0)
+    e("Reshape", [e("Gather", [vals, e.c(c.inverse)], axis=0), e.c(list(c.shape))], c.upd_grad)
+    G.replace(c.pick, e.nodes)
+    c.cg.output[1] = ""                                                     # no dense weight gradient
+    return True
+
+
+def _delta_of(G: GraphEdit, c: _Conv) -> Optional[str]:
+    """The [rows, k] update tensor: the second input of `W[idx] + delta` (rewrite._scatter_path)."""
+    add = G.producer.get(f"{c.w}.taskedge_w_updated")
+    return add.input[1] if add is not None and add.op_type == "Add" else None
+
+
+def _constant_weight_depthwise(G: GraphEdit, c: _Conv) -> bool:
+    """Depthwise: every entry's window is a depthwise conv of x with a constant one-hot kernel
+    (the selection is fixed at export), so forward, gradient and adjoint all run as convs with
+    constant weights -- onnxruntime's fast depthwise path -- plus a few elementwise ops."""
+    delta = _delta_of(G, c)
+    if delta is None:
+        return _sparse_weight_grad(G, c)
+    sp = c.spatial
+    rows, k = c.shape
+    conv_attrs = dict(kernel_shape=c.kernel, strides=c.strides, dilations=c.dil, pads=c.pads, group=rows)
+    onehots = []
+    for j in range(k):                                   # kernel j: entry (o, j) of every channel o
+        e_j = np.zeros([rows, 1] + c.kernel, np.float32)
+        for o in range(rows):
+            e_j[(o, 0) + tuple(np.unravel_index(int(c.idx[o, j]), c.kernel))] = 1.0
+        onehots.append(G.const(f"{c.w}.taskedge_window_{j}", e_j))
+    bshape = [1, rows] + [1] * sp
+    # forward: y = Conv(x, W) + sum_j delta[:, j] * P_j
+    f = Emitter(G, f"{c.w}.taskedge_dwfwd")
+    x, y, y0 = c.fwd.input[0], c.fwd.output[0], f"{c.w}.taskedge_dw_y0"
+    c.fwd.input[1] = c.w
+    c.fwd.output[0] = y0
+    d_cols = [f("Reshape", [f("Gather", [delta, f.c(j)], axis=1), f.c(bshape)]) for j in range(k)]
+    windows = [f("Conv", [x, e_j], **conv_attrs) for e_j in onehots]
+    f("Sum", [y0] + [f("Mul", [p, d]) for p, d in zip(windows, d_cols)], y)
+    G.after.setdefault(id(c.fwd), []).extend(f.nodes)
+    # backward: d delta[:, j] = sum(dy * P_j) over batch and space (replacing ORT's pick from the dense gradient)
+    dy = c.cg.input[0]
+    b = Emitter(G, f"{c.w}.taskedge_dwbwd")
+    axes = b.c([0] + list(range(2, 2 + sp)))
+    cols = [b("Unsqueeze", [b("ReduceSum", [b("Mul", [dy, p]), axes], keepdims=0), b.c([1])]) for p in windows]
+    b("Concat", cols, c.upd_grad, axis=1)
+    G.replace(c.pick, b.nodes)
+    c.cg.input[2] = c.w                                  # constant: lowered to a Conv (lower.py)
+    c.cg.output[1] = ""
+    if not c.cg.output[0]:                               # the input needs no gradient
+        return True
+    # dx = ConvGrad_dX(dy, W) + sum_j ConvGrad_dX(dy * delta[:, j], one-hot j): constant weights again
+    a = Emitter(G, f"{c.w}.taskedge_dwdx")
+    dx = c.cg.output[0]
+    c.cg.output[0] = f"{c.w}.taskedge_dw_dx0"
+    grad_attrs = {at.name: onnx.helper.get_attribute_value(at) for at in c.cg.attribute}
+    parts = [c.cg.output[0]]
+    for j, e_j in enumerate(onehots):
+        out = f"{c.w}.taskedge_dw_dx_window_{j}"
+        a.nodes.append(onnx.helper.make_node("ConvGrad", [a("Mul", [dy, d_cols[j]]), x, e_j], [out, "", ""],
+                                             name=out, domain="com.microsoft", **grad_attrs))
+        parts.append(out)
+    a("Sum", parts, dx)
+    G.after.setdefault(id(c.cg), []).extend(a.nodes)
+    return True
