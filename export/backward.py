@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from taskedge.runtime.bundle import LayerAllocation
 

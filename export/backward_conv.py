@@ -18,7 +18,7 @@ lower.py turns ConvGrad's dX into a plain Conv). All of it is exact.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -27,7 +27,6 @@ from taskedge.runtime.bundle import LayerAllocation
 
 from .graphedit import Emitter, GraphEdit
 from .layers import node_attr
-from .lower import zero_upsample
 
 
 class _Conv:

@@ -141,7 +141,10 @@ def test_conv_grads():
         lowered = onnx.ModelProto()
         lowered.CopyFrom(model)
         lower(lowered)
-        assert "ConvTranspose" not in {n.op_type for n in lowered.graph.node}
+        convt = [n for n in lowered.graph.node if n.op_type == "ConvTranspose"]    # only the 1x1 zero-upsampling
+        assert all(list(onnx.helper.get_attribute_value(a)) == [1, 1] for n in convt for a in n.attribute
+                   if a.name == "kernel_shape"), convt
+        assert len(convt) == (attrs.get("strides", [1, 1]) != [1, 1])
         live = {"dy": feeds["dy"], "x": x}
         np.testing.assert_allclose(_run(lowered, live)[0], _run(model, live)[0], rtol=1e-4, atol=1e-4)
 
