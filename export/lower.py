@@ -1,8 +1,9 @@
 """Lower ORT's training-only ops to standard ONNX, so the step graph runs in a plain
 `onnxruntime.InferenceSession` (CPU wheel on aarch64, onnxruntime-gpu on JetPack).
 
-ORT's gradient builder (host) emits a handful of `com.microsoft` training ops. Each has
-a lowering (lower_math.py, lower_conv.py; this module is the registry and the driver): the same math in standard ops (opset >= 13; the graphs here are 17).
+ORT's gradient builder (host) emits a handful of `com.microsoft` training ops. Each has a
+lowering (in lower_math.py and lower_conv.py; this module is the registry and the driver): the
+same math in standard ops (opset >= 13; the graphs here are 17).
 `FusedMatMul` and `Gelu` are contrib ops of every onnxruntime build (CPU and CUDA), so
 they stay. Any other non-standard op is an export error naming it.
 
