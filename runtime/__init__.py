@@ -1,9 +1,11 @@
-"""TaskEdge device runtime: loads a bundle and adapts it on the board. Never imports torch.
+"""TaskEdge device runtime: loads a bundle and adapts it on the board with plain onnxruntime
+(an InferenceSession on the bundle's standard-ONNX step graph). Never imports torch, onnx or
+onnxruntime.training.
 
-`import onnxruntime` of the onnxruntime-training wheel probes
-`onnxruntime.training.ortmodule`, whose package imports torch when torch is installed
-(DESIGN.md). The runtime talks to the pybind layer only, so it imports onnxruntime with
-that probe blocked; `onnxruntime.training` stays importable afterwards for host code.
+On the host, where the onnxruntime-training wheel provides the `onnxruntime` module, a plain
+`import onnxruntime` probes `onnxruntime.training.ortmodule`, whose package imports torch when
+torch is installed (DESIGN.md). So the runtime imports onnxruntime with that probe blocked;
+`onnxruntime.training` stays importable afterwards for host code. On a board this is a no-op.
 """
 import sys as _sys
 

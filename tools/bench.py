@@ -750,7 +750,7 @@ def format_targets(r: dict) -> str:
         val = t["value"]
         if t["target"].startswith("acc"):
             vs = "-" if val is None else f"{100 * val:+.2f} points"
-        elif t["target"] == "update_share":
+        elif t["target"] in ("update_share", "ckpt_share"):
             vs = "-" if val is None else f"{100 * val:.4f} %"
         else:
             vs = "-" if val is None else f"{val:.3f}x"
