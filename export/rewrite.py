@@ -22,12 +22,12 @@ HEAD_WEIGHT = "taskedge_head.weight"
 HEAD_BIAS = "taskedge_head.bias"
 LOGITS = "logits"
 
-# Chosen by measurement (`python -m taskedge.tools.formulations`, README "Update formulations").
-# With the sparse backward (export/backward.py) scatter costs one copy of W per step and a
-# weight gradient over the used columns only; the gather paths pay ORT's slow CPU GatherGrad.
-# MiniLM, batch 16: scatter 291 ms vs 365 ms with the dense backward; MLP 8x1024, batch 64:
-# scatter 61 ms, gather_elements 67, gather 85, gather_rows 87.
-DEFAULT_FORMULATION = {"MatMul": "scatter", "Gemm": "scatter", "Conv": "scatter"}
+# Chosen by measurement (`python -m taskedge.tools.formulations`, README "Update formulations"),
+# on the standard-ONNX step graph in plain onnxruntime. MiniLM (3-D MatMul), batch 16: scatter
+# 228 ms, gather_rows 277, gather_elements 356, gather 387. MLP 8x1024 (2-D Gemm), batch 64:
+# gather_elements 28.8 ms, gather_rows 28.7, gather 29.3, scatter 39.2 (the lowered gradient of
+# a gather is a ScatterElements-add, cheaper than rebuilding W').
+DEFAULT_FORMULATION = {"MatMul": "scatter", "Gemm": "gather_elements", "Conv": "scatter"}
 FORMULATIONS = ("gather", "gather_rows", "gather_elements", "scatter")
 
 
