@@ -27,6 +27,7 @@ from taskedge.runtime.bundle import LayerAllocation
 
 from .graphedit import Emitter, GraphEdit
 from .layers import node_attr
+from .lower_conv import strided_window
 
 
 class _Conv:
@@ -77,12 +78,8 @@ class _Conv:
 
     def windows(self, e: Emitter, x: str, out_sp: str) -> str:
         """P [N, entries (grouped), Ho, Wo]: the input window of every selected entry."""
-        axes = e.c(list(range(2, 2 + self.spatial)))
-        parts = []
-        for start, chans, _, _ in self.groups:
-            end = e("Add", [e("Mul", [e("Sub", [out_sp, e.c([1] * self.spatial)]), e.c(self.strides)]),
-                            e.c([s + 1 for s in start])])
-            parts.append(e("Slice", [e("Gather", [x, e.c(chans)], axis=1), e.c(start), end, axes, e.c(self.strides)]))
+        parts = [strided_window(e, e("Gather", [x, e.c(chans)], axis=1), start, out_sp, self.strides)
+                 for start, chans, _, _ in self.groups]
         return e("Concat", parts, axis=1) if len(parts) > 1 else parts[0]
 
     def padded(self, e: Emitter, x: str) -> str:

@@ -105,6 +105,14 @@ def _conv_input_grad(e, node, dy, x, weight, kernel, strides, dilations, pads, g
     e("Conv", [e("Pad", [up, pad]), weight], node.output[0], dilations=dilations, group=group, kernel_shape=kernel)
 
 
+def strided_window(e: Emitter, x: str, start: List[int], out_sp: str, strides: List[int]) -> str:
+    """x[:, :, start + s*p] for every output position p (out_sp: the output's spatial dims), the
+    input window of one kernel offset of a conv on the padded input x."""
+    n = len(start)
+    end = e("Add", [e("Mul", [e("Sub", [out_sp, e.c([1] * n)]), e.c(strides)]), e.c([s + 1 for s in start])])
+    return e("Slice", [x, e.c(start), end, e.c(list(range(2, 2 + n))), e.c(strides)])
+
+
 def _conv_weight_grad(e, node, dy, x, w, kernel, strides, dilations, pads, group, out):
     """dW[o, c, *off] = sum over batch and output positions of dy[n, o, p] * xpad[n, g(o)*Cg + c, p*s + off*d].
 
@@ -126,9 +134,7 @@ def _conv_weight_grad(e, node, dy, x, w, kernel, strides, dilations, pads, group
     offsets = np.stack(np.meshgrid(*[np.arange(k) for k in kernel], indexing="ij"), -1).reshape(-1, spatial)
     for off in offsets:
         start = [int(o) * d for o, d in zip(off, dilations)]
-        end = e("Add", [e("Mul", [e("Sub", [out_sp, e.c([1] * spatial)]), e.c(strides)]),
-                        e.c([s + 1 for s in start])])
-        xs = e("Slice", [xp, e.c(start), end, e.c(list(range(2, 2 + spatial))), e.c(strides)])   # [N, C, *P]
+        xs = strided_window(e, xp, start, out_sp, strides)                                        # [N, C, *P]
         xs = e("Reshape", [xs, e("Concat", [e.c([0]), g, e.c([-1]), e("ReduceProd", [out_sp], keepdims=1)],
                                      axis=0)])                                 # [N, G, Cg, P]
         xs = e("Transpose", [xs], perm=[1, 0, 3, 2])                           # [G, N, P, Cg]
