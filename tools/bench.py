@@ -13,7 +13,8 @@ Variants
   ort-floor           ORT training with no weight gradient: a zero bias under the first adapted
                       layer + head; forward + backward-to-inputs, ORT's floor for any method
                       that adapts every layer
-  taskedge-0.1%       TaskEdge bundle + runtime Trainer, budget 0.1 %        (the primary variant)
+  taskedge-0.1%       TaskEdge bundle: its standard-ONNX step graph on plain onnxruntime with the
+                      runtime's Trainer (as on the board), budget 0.1 %   (the primary variant)
   taskedge-1%         budget 1 %
   taskedge-0.1%-2:4   budget 0.1 %, --nm 2:4
   taskedge-1%-2:4     budget 1 %, --nm 2:4
@@ -23,7 +24,7 @@ Variants
   torch-taskedge-0.1% PyTorch, W + scatter_add(delta) at the bundle's allocation indices
 
 Learning rates (constant after a linear warm-up; AdamW betas 0.9/0.999, eps 1e-6, no weight
-decay = what ORT's generated AdamW does): TaskEdge 1e-2 (delta and head share ORT's single lr),
+decay = what ORT's generated AdamW does, and the runtime's): TaskEdge 1e-2 (delta and head share one lr),
 LoRA 2e-3, full FT 1e-4; the new head 1e-2 everywhere (ORT baselines: head reparametrised as
 s * W', see export/baselines.py; torch: a parameter group).
 """
