@@ -1,8 +1,9 @@
 """The on-device adaptation loop.
 
 plan the micro-batch under the memory budget -> sparse steps on plain onnxruntime (the bundle's
-standard-ONNX step graph; AdamW on the trainable state in numpy), metering energy and memory -> periodic eval and atomic checkpoints -> stop at the
-step/time/energy budget -> final checkpoint, update.npz and a report.
+standard-ONNX step graph; AdamW on the trainable state in numpy), metering energy and memory
+-> periodic eval and atomic checkpoints -> stop at the step/time/energy budget -> final
+checkpoint, update.npz and a report.
 
 Robustness (power loss, divergence, memory pressure) lives here too: the data order is
 a function of the step alone, so `--resume` replays exactly; a NaN/Inf loss or update
@@ -166,6 +167,7 @@ class Session:
         self._control_mtime = None
         self.state: Dict[str, object] = {}
         self.model_bytes = int(self.manifest.files[B.WEIGHTS]["bytes"])     # the frozen weights
+        self.trainer: Optional[Trainer] = None
 
     # -- setup ----------------------------------------------------------------
     def _open(self, ckpt_path: Optional[Path]) -> None:
@@ -173,7 +175,7 @@ class Session:
         onnxruntime session is created once and kept."""
         state = TrainState.initial(self.dir, self.manifest) if ckpt_path is None else \
             TrainState.from_file(ckpt_path, self.manifest.trainable_names)
-        if getattr(self, "trainer", None) is None:
+        if self.trainer is None:
             self.trainer = Trainer(self.dir, self.manifest, state, device=self.opts.device, threads=self.opts.threads,
                                    providers=self.profile.execution_providers)
         else:
@@ -309,6 +311,7 @@ class Session:
                 loss = float("nan")
             if not math.isfinite(loss):
                 bad.append(int(i))
+        self.trainer.close_eval()
         return bad if len(bad) < len(idx) or len(idx) == 1 else []
 
     def _rollback(self, why: str, culprits: Optional[List[int]] = None) -> bool:
