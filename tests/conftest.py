@@ -40,6 +40,18 @@ def open_trainer(bundle, checkpoint=None):
     return Trainer(bundle, man, state)
 
 
+def standard_only(bundle):
+    """The step graph runs in plain onnxruntime: standard ops plus contrib ops of every build; the
+    trainable state is its input, the frozen weights are initializers stored once in weights.bin."""
+    import onnx
+    from taskedge.export.lower import runs_on_plain_ort
+    from taskedge.runtime import bundle as B
+    step = onnx.load(str(bundle / B.STEP_MODEL), load_external_data=False)
+    odd = {n.op_type for n in step.graph.node if not runs_on_plain_ort(n)}
+    assert not odd, odd
+    return step
+
+
 def make_task(n=512, d=16, classes=3, seed=0):
     """A learnable 3-class problem on 16 features."""
     rng = np.random.default_rng(seed)

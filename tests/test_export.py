@@ -15,7 +15,7 @@ from taskedge.export.exporter import export_bundle
 from taskedge.export.layers import find_weight_ops
 from taskedge.runtime import bundle as B
 
-from conftest import open_trainer, make_task, run_cli
+from conftest import make_task, open_trainer, run_cli, standard_only
 
 
 def test_importance_matches_numpy_on_a_real_layer(mlp_onnx, mlp_data):
@@ -76,16 +76,6 @@ def _train(bundle, x, y, steps=40):
     return tr, losses
 
 
-def _standard_only(bundle):
-    """The step graph runs in plain onnxruntime: standard ops plus contrib ops of every build; the
-    trainable state is its input, the frozen weights are initializers stored once in weights.bin."""
-    from taskedge.export.lower import runs_on_plain_ort
-    step = onnx.load(str(bundle / B.STEP_MODEL), load_external_data=False)
-    odd = {n.op_type for n in step.graph.node if not runs_on_plain_ort(n)}
-    assert not odd, odd
-    return step
-
-
 @pytest.mark.parametrize("form", ["gather", "gather_rows", "gather_elements", "scatter"])
 def test_small_model_trains_and_only_the_update_is_trainable(tmp_path, mlp_onnx, mlp_data, form):
     out = tmp_path / "b"
@@ -94,7 +84,7 @@ def test_small_model_trains_and_only_the_update_is_trainable(tmp_path, mlp_onnx,
     x, y = make_task()
     tr, losses = _train(out, x, y)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05
-    step = _standard_only(out)
+    step = standard_only(out)
     inputs = {i.name for i in step.graph.input}
     assert inputs == set(m.trainable_names) | {"x", B.LABELS_INPUT}
     assert sum(a.size for a in tr.state.params.values()) == m.trainable_params
@@ -117,7 +107,7 @@ def test_conv_depthwise_and_3d_matmul_bundle_trains_with_nm(tmp_path, cnn_onnx):
     for l in m.layers:
         assert imp.check_nm(alloc[l.weight], (2, 4)) <= 2
         assert alloc[l.weight].shape == (l.rows, l.k)
-    _standard_only(out)
+    standard_only(out)
     tr, losses = _train(out, px, labels, steps=30)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
@@ -220,8 +210,8 @@ def test_gemm_alpha_update_matches_merged_weights(tmp_path, form):
     x = rng.standard_normal((16, 6)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
     out = tmp_path / "b"
-    m = export_bundle(ExportConfig(model=str(tmp_path / "m.onnx"), out=str(out), calib=str(tmp_path / "c.npz"),
-                                   budget=0.5, num_classes=3, formulation={"Gemm": form}), log=lambda s: None)
+    export_bundle(ExportConfig(model=str(tmp_path / "m.onnx"), out=str(out), calib=str(tmp_path / "c.npz"),
+                               budget=0.5, num_classes=3, formulation={"Gemm": form}), log=lambda s: None)
     tr = open_trainer(out)
     for name, a in tr.state.params.items():
         tr.state.params[name] = rng.standard_normal(a.shape).astype(np.float32)
@@ -266,7 +256,7 @@ def test_sparse_backward_is_exact(tmp_path, lora_rank, budget):
         assert {l.backward for l in m.layers} == {"sparse" if sparse else "dense"}
         assert max(l.k for l in m.layers) == (1 if budget < 0.2 else 2)
         if sparse:   # k=1 gathers the few used columns; larger k uses x itself (export/backward.py)
-            nodes = {n.name for n in _standard_only(out).graph.node}
+            nodes = {n.name for n in standard_only(out).graph.node}
             assert any(n.endswith("taskedge_sb_x_used") for n in nodes) == (budget < 0.2)
         tr = open_trainer(out)
         tr.lr = 1e-3
@@ -292,97 +282,7 @@ def test_sparse_backward_drops_the_dense_weight_gradient(tmp_path):
     export_bundle(ExportConfig(model=str(tmp_path / "m.onnx"), out=str(out), calib=str(tmp_path / "c.npz"),
                                budget=0.3, num_classes=3, formulation={"MatMul": "scatter", "Gemm": "scatter"}),
                   log=lambda s: None)
-    names = {o for n in _standard_only(out).graph.node for o in n.output}
+    names = {o for n in standard_only(out).graph.node for o in n.output}
     for w in ("w1", "w2", "w3", "w4"):
         assert f"{w}.taskedge_w_scattered_grad" not in names          # no [cols, rows] gradient GEMM
         assert f"{w}.taskedge_sb_grad_used" in names
-
-
-def _reference_outputs(ref, feeds, params):
-    """ORT's own training graph (host training build) on the same inputs and trainable state:
-    (loss, {param: gradient})."""
-    import onnxruntime as ort
-    from taskedge.tools.ort_training import open_artifacts
-    ck, _ = open_artifacts(ref)
-    model = onnx.load(str(ref / "training_model.onnx"))
-    full = dict(feeds)
-    for vi in model.graph.input:
-        n = vi.name
-        if n in full:
-            continue
-        if n == "lazy_reset_grad":
-            full[n] = np.array([True])
-        elif n.endswith("_grad.accumulation.buffer"):
-            full[n] = np.zeros_like(params[n[: -len("_grad.accumulation.buffer")]])
-        else:
-            full[n] = params[n] if n in params else ck.get(n)
-    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, full)
-    return out[0], {p: full[f"{p}_grad.accumulation.buffer"] for p in params}   # accumulated in place
-
-
-@pytest.mark.parametrize("model,extra", [("cnn", {}), ("cnn", {"sparse_backward": False}),
-                                         ("mlp", {"lora_rank": 2}), ("mlp", {"formulation": {"Gemm": "gather"}})])
-def test_step_graph_matches_ort_training_graph(tmp_path, cnn_onnx, mlp_onnx, model, extra):
-    """The lowered standard-ONNX step graph gives ORT-training's loss and gradients (conv, depthwise,
-    3-D MatMul, sparse LoRA, the gather path), with a non-zero trainable state."""
-    rng = np.random.default_rng(0)
-    if model == "cnn":
-        x = {"pixels": rng.standard_normal((8, 1, 8, 8)).astype(np.float32)}
-        path, budget, classes = cnn_onnx, 0.2, 4
-    else:
-        x = {"x": rng.standard_normal((8, 16)).astype(np.float32)}
-        path, budget, classes = mlp_onnx, 0.05, 3
-    np.savez(tmp_path / "c.npz", **x)
-    out, ref = tmp_path / "b", tmp_path / "ref"
-    m = export_bundle(ExportConfig(model=str(path), out=str(out), calib=str(tmp_path / "c.npz"), budget=budget,
-                                   num_classes=classes, ort_reference=str(ref), **extra), log=lambda s: None)
-    _standard_only(out)
-    tr = open_trainer(out)
-    params = {n: (a + 0.3 * rng.standard_normal(a.shape)).astype(np.float32) for n, a in tr.state.params.items()}
-    tr.state.params.update(params)
-    feeds = {**x, "labels": rng.integers(0, classes, 8).astype(np.int64)}
-    got = tr.session.run(None, {**feeds, **params})
-    want_loss, want_grads = _reference_outputs(ref, feeds, params)
-    np.testing.assert_allclose(got[0], want_loss, rtol=1e-5)
-    for name, g in zip(m.trainable_names, got[2:]):
-        np.testing.assert_allclose(g, want_grads[name], rtol=1e-4, atol=1e-6, err_msg=name)
-
-
-def _strided_cnn(path):
-    """Stride-2 full and depthwise convs (odd and even sizes), ReLU6, as MobileNetV2 has them."""
-    import torch
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, stride=2, padding=1), torch.nn.ReLU6(),
-                              torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), torch.nn.ReLU6(),
-                              torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8), torch.nn.ReLU6(),
-                              torch.nn.Conv2d(8, 12, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                              torch.nn.Linear(12, 4))
-    torch.onnx.export(net.eval(), (torch.randn(2, 1, 9, 9),), str(path), dynamo=False, input_names=["pixels"],
-                      output_names=["y"], dynamic_axes={"pixels": {0: "b"}, "y": {0: "b"}}, opset_version=17)
-    return path
-
-
-@pytest.mark.parametrize("model", ["cnn", "strided"])
-def test_sparse_conv_backward_equals_dense(tmp_path, cnn_onnx, model):
-    """export/backward_conv.py (selected entries by kernel offset; depthwise layers on their constant
-    weight) against ORT's dense ConvGrad on the scattered weight."""
-    rng = np.random.default_rng(1)
-    size = 8 if model == "cnn" else 9
-    x = rng.standard_normal((8, 1, size, size)).astype(np.float32)
-    np.savez(tmp_path / "c.npz", pixels=x)
-    if model == "strided":
-        cnn_onnx = _strided_cnn(tmp_path / "strided.onnx")
-    grads = {}
-    for sparse in (True, False):
-        out = tmp_path / f"b{sparse}"
-        m = export_bundle(ExportConfig(model=str(cnn_onnx), out=str(out), calib=str(tmp_path / "c.npz"), budget=0.3,
-                                       nm="2:4", num_classes=4, sparse_backward=sparse), log=lambda s: None)
-        assert {l.backward for l in m.layers if l.op == "Conv"} == {"sparse" if sparse else "dense"}
-        tr = open_trainer(out)
-        init = np.random.default_rng(2)
-        params = {n: (0.3 * init.standard_normal(a.shape)).astype(np.float32) for n, a in tr.state.params.items()}
-        got = tr.session.run(None, {"pixels": x, "labels": np.arange(8) % 4, **params})
-        grads[sparse] = dict(zip(m.trainable_names, got[2:]))
-    assert any(l.k > 1 for l in m.layers)
-    for name, g in grads[False].items():
-        np.testing.assert_allclose(grads[True][name], g, rtol=1e-4, atol=1e-6, err_msg=name)

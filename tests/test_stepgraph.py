@@ -1,0 +1,102 @@
+"""The standard-ONNX step graph against ORT-training's own graph, and the sparse conv backward
+(export/backward_conv.py) against ORT's dense ConvGrad."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from taskedge.export.config import ExportConfig
+from taskedge.export.exporter import export_bundle
+
+from conftest import open_trainer, standard_only
+
+
+def _reference_outputs(ref, feeds, params):
+    """ORT's own training graph (host training build) on the same inputs and trainable state:
+    (loss, {param: gradient})."""
+    import onnxruntime as ort
+    from taskedge.tools.ort_training import open_artifacts
+    ck, _ = open_artifacts(ref)
+    model = onnx.load(str(ref / "training_model.onnx"))
+    full = dict(feeds)
+    for vi in model.graph.input:
+        n = vi.name
+        if n in full:
+            continue
+        if n == "lazy_reset_grad":
+            full[n] = np.array([True])
+        elif n.endswith("_grad.accumulation.buffer"):
+            full[n] = np.zeros_like(params[n[: -len("_grad.accumulation.buffer")]])
+        else:
+            full[n] = params[n] if n in params else ck.get(n)
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, full)
+    return out[0], {p: full[f"{p}_grad.accumulation.buffer"] for p in params}   # accumulated in place
+
+
+@pytest.mark.parametrize("model,extra", [("cnn", {}), ("cnn", {"sparse_backward": False}),
+                                         ("mlp", {"lora_rank": 2}), ("mlp", {"formulation": {"Gemm": "gather"}})])
+def test_step_graph_matches_ort_training_graph(tmp_path, cnn_onnx, mlp_onnx, model, extra):
+    """The lowered standard-ONNX step graph gives ORT-training's loss and gradients (conv, depthwise,
+    3-D MatMul, sparse LoRA, the gather path), with a non-zero trainable state."""
+    rng = np.random.default_rng(0)
+    if model == "cnn":
+        x = {"pixels": rng.standard_normal((8, 1, 8, 8)).astype(np.float32)}
+        path, budget, classes = cnn_onnx, 0.2, 4
+    else:
+        x = {"x": rng.standard_normal((8, 16)).astype(np.float32)}
+        path, budget, classes = mlp_onnx, 0.05, 3
+    np.savez(tmp_path / "c.npz", **x)
+    out, ref = tmp_path / "b", tmp_path / "ref"
+    m = export_bundle(ExportConfig(model=str(path), out=str(out), calib=str(tmp_path / "c.npz"), budget=budget,
+                                   num_classes=classes, ort_reference=str(ref), **extra), log=lambda s: None)
+    standard_only(out)
+    tr = open_trainer(out)
+    params = {n: (a + 0.3 * rng.standard_normal(a.shape)).astype(np.float32) for n, a in tr.state.params.items()}
+    tr.state.params.update(params)
+    feeds = {**x, "labels": rng.integers(0, classes, 8).astype(np.int64)}
+    got = tr.session.run(None, {**feeds, **params})
+    want_loss, want_grads = _reference_outputs(ref, feeds, params)
+    np.testing.assert_allclose(got[0], want_loss, rtol=1e-5)
+    for name, g in zip(m.trainable_names, got[2:]):
+        np.testing.assert_allclose(g, want_grads[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def _strided_cnn(path):
+    """Stride-2 full and depthwise convs (odd and even sizes), ReLU6, as MobileNetV2 has them."""
+    import torch
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, stride=2, padding=1), torch.nn.ReLU6(),
+                              torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), torch.nn.ReLU6(),
+                              torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8), torch.nn.ReLU6(),
+                              torch.nn.Conv2d(8, 12, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(12, 4))
+    torch.onnx.export(net.eval(), (torch.randn(2, 1, 9, 9),), str(path), dynamo=False, input_names=["pixels"],
+                      output_names=["y"], dynamic_axes={"pixels": {0: "b"}, "y": {0: "b"}}, opset_version=17)
+    return path
+
+
+@pytest.mark.parametrize("model", ["cnn", "strided"])
+def test_sparse_conv_backward_equals_dense(tmp_path, cnn_onnx, model):
+    """export/backward_conv.py (selected entries by kernel offset; depthwise layers on their constant
+    weight) against ORT's dense ConvGrad on the scattered weight."""
+    rng = np.random.default_rng(1)
+    size = 8 if model == "cnn" else 9
+    x = rng.standard_normal((8, 1, size, size)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", pixels=x)
+    if model == "strided":
+        cnn_onnx = _strided_cnn(tmp_path / "strided.onnx")
+    grads = {}
+    for sparse in (True, False):
+        out = tmp_path / f"b{sparse}"
+        m = export_bundle(ExportConfig(model=str(cnn_onnx), out=str(out), calib=str(tmp_path / "c.npz"), budget=0.3,
+                                       nm="2:4", num_classes=4, sparse_backward=sparse), log=lambda s: None)
+        assert {l.backward for l in m.layers if l.op == "Conv"} == {"sparse" if sparse else "dense"}
+        tr = open_trainer(out)
+        init = np.random.default_rng(2)
+        params = {n: (0.3 * init.standard_normal(a.shape)).astype(np.float32) for n, a in tr.state.params.items()}
+        got = tr.session.run(None, {"pixels": x, "labels": np.arange(8) % 4, **params})
+        grads[sparse] = dict(zip(m.trainable_names, got[2:]))
+    assert any(l.k > 1 for l in m.layers)
+    for name, g in grads[False].items():
+        np.testing.assert_allclose(grads[True][name], g, rtol=1e-4, atol=1e-6, err_msg=name)
