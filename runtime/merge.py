@@ -15,7 +15,7 @@ from . import bundle as B
 from . import onnx_wire
 from .checkpoints import CheckpointStore
 from .fsutil import UserError, atomic_path
-from .trainer import TrainState
+from .trainer import TrainState, map_weights
 
 # Above this, the merged weights go to `<out>.data` beside the model (protobuf's 2 GB limit).
 INLINE_LIMIT = 1 << 30
@@ -50,13 +50,6 @@ def dense_delta(layer: B.LayerAllocation, params: Dict[str, np.ndarray], idx: np
     return params[layer.params[0]]
 
 
-def read_weight(bundle_dir: Path, entry: B.WeightEntry) -> np.ndarray:
-    count = int(np.prod(entry.shape)) if entry.shape else 1
-    a = np.fromfile(bundle_dir / B.WEIGHTS, dtype=np.dtype(entry.dtype).newbyteorder("<"), count=count,
-                    offset=entry.offset)
-    return a.astype(entry.dtype).reshape(entry.shape)
-
-
 def merged_weights(manifest: B.Manifest, weights: Dict[str, np.ndarray], alloc: Dict[str, np.ndarray],
                    params: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """The weights the update changes: each selected weight plus its delta, and the trained head."""
@@ -78,7 +71,7 @@ def merge(bundle_dir, out, update: Optional[str] = None, run_dir: Optional[str] 
     manifest = B.load_bundle(bundle_dir)
     params = load_update(bundle_dir, manifest, update, run_dir)
     entries = [e for e in manifest.weights if e.base]
-    weights = {e.name: read_weight(bundle_dir, e) for e in entries}
+    weights = map_weights(bundle_dir, entries)
     with np.load(bundle_dir / B.ALLOCATION, allow_pickle=False) as z:
         alloc = {k: z[k] for k in z.files}
     weights.update(merged_weights(manifest, weights, alloc, params))

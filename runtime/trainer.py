@@ -54,10 +54,6 @@ class TrainState:
     def finite(self) -> bool:
         return all(np.isfinite(a).all() for a in self.params.values())
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for d in (self.params, self.m, self.v) for a in d.values())
-
 
 def session_options(threads: int = 0, profile_prefix: Optional[str] = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
@@ -65,7 +61,7 @@ def session_options(threads: int = 0, profile_prefix: Optional[str] = None) -> o
     so.log_severity_level = 3
     # Measured on the MiniLM step graph (batch 16, peak RSS of a fresh process, `step_ms` median):
     # defaults 365 MB / 210 ms; no buffer reuse 289 / 207; + no memory pattern 274 / 206;
-    # without the arena 334-342 MB and slower (231-253 ms). Inference sessions are unaffected.
+    # without the arena 334-342 MB and slower (231-253 ms).
     so.enable_mem_reuse = False
     so.enable_mem_pattern = False
     if threads:
@@ -90,18 +86,20 @@ def providers_for(device: str, preferred: Optional[List[str]] = None) -> List[st
     return chosen
 
 
+def map_weights(bundle_dir, entries: Sequence[B.WeightEntry]) -> Dict[str, np.ndarray]:
+    """Read-only arrays over one map of weights.bin (no copy; the pages are the file's)."""
+    data = np.memmap(Path(bundle_dir) / B.WEIGHTS, dtype=np.uint8, mode="r")
+    return {e.name: np.frombuffer(data, dtype=np.dtype(e.dtype).newbyteorder("<"), offset=e.offset,
+                                  count=int(np.prod(e.shape)) if e.shape else 1).reshape(e.shape)
+            for e in entries}
+
+
 def shared_weights(bundle_dir, manifest: B.Manifest) -> List[Tuple[str, object, np.ndarray]]:
     """The frozen weights as OrtValues over one read-only map of weights.bin, for every session of
     the bundle: the step and eval sessions then share them instead of loading a copy each
     (MiniLM, both sessions open: peak RSS 343 -> 293 MB, measured)."""
-    data = np.memmap(Path(bundle_dir) / B.WEIGHTS, dtype=np.uint8, mode="r")
-    out = []
-    for e in manifest.weights:
-        count = int(np.prod(e.shape)) if e.shape else 1
-        a = np.frombuffer(data, dtype=np.dtype(e.dtype).newbyteorder("<"), count=count, offset=e.offset)
-        a = a.reshape(e.shape)
-        out.append((e.name, ort.OrtValue.ortvalue_from_numpy(a), a))
-    return out
+    return [(name, ort.OrtValue.ortvalue_from_numpy(a), a)
+            for name, a in map_weights(bundle_dir, manifest.weights).items()]
 
 
 def open_session(path, threads: int = 0, providers: Optional[List[str]] = None,
