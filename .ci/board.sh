@@ -18,5 +18,7 @@ for version in ${ORT_VERSIONS:-latest 1.23.2}; do
   "${PIP[@]}" --upgrade "$spec" numpy psutil pytest 'tomli; python_version < "3.11"'
   "${PIP[@]}" --no-deps --force-reinstall .
   "$BOARD/bin/python" -c 'import onnxruntime as o; print("board venv: onnxruntime", o.__version__, o.get_available_providers())'
-  TASKEDGE_BOARD_FIXTURES="$FIX" "$BOARD/bin/python" -m pytest -q -p no:cacheprovider -rs tests/board "$@"
+  # the bundles, and the code that reads a board (profiles, INA3221 sysfs, nvpmodel, memory) on fake sysfs trees
+  TASKEDGE_BOARD_FIXTURES="$FIX" "$BOARD/bin/python" -m pytest -q -p no:cacheprovider -rs "$@" \
+    tests/board tests/test_profiles.py tests/test_telemetry.py tests/test_probe.py tests/test_doctor.py
 done

@@ -63,7 +63,7 @@ def make_task(n=512, d=16, classes=3, seed=0):
 
 @pytest.fixture(scope="session")
 def mlp_onnx(tmp_path_factory):
-    import torch
+    torch = pytest.importorskip("torch", reason="host-only fixture (the board venvs have no torch)")
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
                             torch.nn.Linear(64, 5))

@@ -49,7 +49,7 @@ def test_digits_cnn_pretrains_and_caches(tmp_path, monkeypatch):
         acc = (model(torch.from_numpy(test["pixels"])).argmax(1).numpy() == test["labels"]).mean()
     assert acc > 0.9
     assert len(list(tmp_path.glob("digits_cnn-*.pt"))) == 1
-    cached = demo_models.pretrain_digits_cnn()
+    cached = demo_models.pretrain_digits("cnn")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), cached.state_dict().values()))
     assert example["pixels"].shape == (2, 1, 16, 16)
 

@@ -2,12 +2,14 @@
 
     python -m taskedge.tools.board_check OUT [--steps 50]
 
-exports the text (MiniLM) and vision (MobileNetV2) demo bundles with ORT's own training
-artifacts beside them (`ExportConfig.ort_reference`), and runs ORT-training's path on them for
+exports bundles with ORT's own training artifacts beside them (`ExportConfig.ort_reference`), and runs ORT-training's path on them for
 `--steps` steps with exactly the schedule, data order and batch `taskedge adapt` uses: the loss
 curve the board's standard-ONNX step graph must reproduce. Writes OUT/board.json.
 
-tests/board then runs in a venv that holds only plain onnxruntime, numpy and psutil (.ci/board.sh).
+The tasks: the text (MiniLM) and vision (MobileNetV2) demos, and three models small enough for
+an aarch64 emulator (a digits MLP, conv net and transformer block, `SMALL`).
+tests/board then runs in a venv that holds only plain onnxruntime, numpy and psutil (.ci/board.sh,
+and .ci/arm64.sh on an emulated aarch64 board).
 """
 from __future__ import annotations
 
@@ -20,11 +22,14 @@ from pathlib import Path
 import numpy as np
 
 TASKS = {
-    "text": dict(factory="taskedge.tools.demo_models:minilm_sentiment", classes=2, budget=0.001, lr=0.01,
-                 batch=16, n_train=400, n_test=200),
-    "vision": dict(factory="taskedge.tools.demo_models:mobilenet_v2_digits", classes=10, budget=0.01, lr=0.003,
-                   batch=16, n_test=200),
+    "text": dict(factory="taskedge.tools.demo_models:minilm_sentiment", data="text", classes=2, budget=0.001,
+                 lr=0.01, batch=16, n_train=400, n_test=200),
+    "vision": dict(factory="taskedge.tools.demo_models:mobilenet_v2_digits", data="imagenet", classes=10,
+                   budget=0.01, lr=0.003, batch=16, n_test=200),
+    **{kind: dict(factory=f"taskedge.tools.demo_models:digits_{kind}", data="shift", classes=5, budget=0.05,
+                  lr=0.01, batch=16, n_test=200) for kind in ("mlp", "cnn", "transformer")},
 }
+SMALL = ("mlp", "cnn", "transformer")
 SEED, WARMUP, SCHEDULE = 0, 10, "cosine"
 
 
@@ -55,7 +60,7 @@ def reference_losses(folder: Path, train: dict, names: list, steps: int, batch: 
     return losses
 
 
-def prepare(out: Path, steps: int, tasks=("text", "vision")) -> dict:
+def prepare(out: Path, steps: int, tasks=tuple(TASKS)) -> dict:
     from taskedge.export.config import ExportConfig
     from taskedge.export.exporter import export_bundle
     from taskedge.tools import demo_data as D
@@ -65,8 +70,8 @@ def prepare(out: Path, steps: int, tasks=("text", "vision")) -> dict:
     for task in tasks:
         cfg = TASKS[task]
         t0 = time.perf_counter()
-        d = D.text_sentiment(n_train=cfg["n_train"], n_test=cfg["n_test"], seed=SEED) if task == "text" \
-            else D.vision_digits("imagenet", seed=SEED)
+        d = D.text_sentiment(n_train=cfg["n_train"], n_test=cfg["n_test"], seed=SEED) if cfg["data"] == "text" \
+            else D.vision_digits(cfg["data"], seed=SEED)
         if cfg.get("n_test"):
             d["test"] = {k: a[: cfg["n_test"]] for k, a in d["test"].items()}
         folder = out / task

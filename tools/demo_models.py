@@ -10,6 +10,8 @@ packages; nothing is downloaded.
 - `mobilenet_v2_digits`: torchvision's ImageNet MobileNetV2 (layer names kept), 1000 logits.
 - `digits_cnn`: a small conv / depthwise / pointwise / linear net, pretrained here on clean
   digits 0-4 (a few seconds, cached), to adapt to shifted digits or to classes 5-9.
+- `digits_mlp`, `digits_transformer`: an MLP and a one-block transformer on the same digits, as
+  small as the conv net: the board checks run them under an aarch64 emulator (.ci/arm64.sh).
 """
 from __future__ import annotations
 
@@ -259,21 +261,65 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def pretrain_digits_cnn(seed: int = 0, epochs: int = 100) -> DigitsCNN:
-    """Train DigitsCNN on the clean digits 0-4 of the pretraining pool (Adam, mini-batches of
-    64, fixed seed). Cached under ~/.cache/taskedge (or $TASKEDGE_CACHE), keyed by a hash of
-    this file, demo_data.py and the torch version, so a code change retrains."""
+class DigitsMLP(nn.Module):
+    """[B, 1, 16, 16] -> flatten -> 256 -> 64 -> 64 -> linear (5 classes)."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(DIGITS_SIZE ** 2, 64), nn.ReLU(),
+                                      nn.Linear(64, 64), nn.ReLU())
+        self.classifier = nn.Linear(64, num_classes)
+
+    def forward(self, pixels):
+        return self.classifier(self.features(pixels))
+
+
+class DigitsTransformer(nn.Module):
+    """[B, 1, 16, 16] -> the 16 pixel rows as tokens -> linear embedding + positions -> one
+    pre-norm transformer block (2-head self-attention, GELU MLP) -> mean over tokens -> linear.
+    Written out (no nn.TransformerEncoder) so the ONNX graph holds plain MatMul, Softmax,
+    LayerNormalization and Gelu -- the ops of a full-size encoder, at a size an emulator runs."""
+
+    def __init__(self, num_classes=5, dim=32, heads=2):
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.embed = nn.Linear(DIGITS_SIZE, dim)
+        self.pos = nn.Parameter(torch.randn(DIGITS_SIZE, dim) * 0.02)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, pixels):
+        d, h = self.dim, self.heads
+        x = self.embed(pixels[:, 0]) + self.pos                                   # [B, T, D]
+        q, k, v = self.qkv(self.norm1(x)).unflatten(-1, (3, h, d // h)).permute(2, 0, 3, 1, 4).unbind(0)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // h), dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).flatten(2))
+        x = x + self.mlp(self.norm2(x))
+        return self.classifier(self.norm3(x).mean(1))
+
+
+DIGITS_MODELS = {"cnn": DigitsCNN, "mlp": DigitsMLP, "transformer": DigitsTransformer}
+PRETRAIN_EPOCHS = {"cnn": 100, "mlp": 30, "transformer": 30}
+
+
+def pretrain_digits(kind: str = "cnn", seed: int = 0, epochs: int | None = None) -> nn.Module:
+    """Train a DIGITS_MODELS[kind] on the clean digits 0-4 of the pretraining pool (Adam,
+    mini-batches of 64, fixed seed). Cached under ~/.cache/taskedge (or $TASKEDGE_CACHE), keyed
+    by a hash of this file, demo_data.py and the torch version, so a code change retrains."""
+    epochs = epochs or PRETRAIN_EPOCHS[kind]
     key = hashlib.sha256(Path(__file__).read_bytes() + Path(demo_data.__file__).read_bytes()
-                         + f"{torch.__version__}|{seed}|{epochs}".encode()).hexdigest()[:16]
-    path = _cache_dir() / f"digits_cnn-{key}.pt"
+                         + f"{torch.__version__}|{kind}|{seed}|{epochs}".encode()).hexdigest()[:16]
+    path = _cache_dir() / f"digits_{kind}-{key}.pt"
     torch.manual_seed(seed)
-    model = DigitsCNN()
+    model = DIGITS_MODELS[kind]()
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
     train = demo_data.digits_pretrain(seed)["train"]
     x, y = torch.from_numpy(train["pixels"]), torch.from_numpy(train["labels"])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2 if kind == "cnn" else 3e-3)
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(y)).split(64):
@@ -285,12 +331,26 @@ def pretrain_digits_cnn(seed: int = 0, epochs: int = 100) -> DigitsCNN:
     return model.eval()
 
 
+def _digits_factory(kind: str):
+    test = demo_data.digits_pretrain()["test"]
+    example = {"pixels": torch.from_numpy(test["pixels"][:2])}
+    meta = {"name": f"digits-{kind}-0to4",
+            "preprocessing": {"kind": "image", "size": [DIGITS_SIZE, DIGITS_SIZE], "mean": [0.0], "std": [1.0],
+                              "channels": "L"}}
+    return pretrain_digits(kind), example, meta
+
+
 def digits_cnn():
     """The pretrained digits CNN (5 logits). Adapt it on the board to
     `demo_data.vision_digits("shift")` (same head) or to "new-classes" (--num-classes 5)."""
-    test = demo_data.digits_pretrain()["test"]
-    example = {"pixels": torch.from_numpy(test["pixels"][:2])}
-    meta = {"name": "digits-cnn-0to4",
-            "preprocessing": {"kind": "image", "size": [DIGITS_SIZE, DIGITS_SIZE], "mean": [0.0], "std": [1.0],
-                              "channels": "L"}}
-    return pretrain_digits_cnn(), example, meta
+    return _digits_factory("cnn")
+
+
+def digits_mlp():
+    """A pretrained 3-layer MLP on the digits (5 logits); same data as digits_cnn."""
+    return _digits_factory("mlp")
+
+
+def digits_transformer():
+    """A pretrained one-block transformer on the digits' pixel rows (5 logits); same data as digits_cnn."""
+    return _digits_factory("transformer")

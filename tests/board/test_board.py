@@ -2,12 +2,16 @@
 (no torch, no onnx, no onnxruntime-training), on bundles the host exported (.ci/board.sh).
 
 Skipped unless TASKEDGE_BOARD_FIXTURES names the folder `python -m taskedge.tools.board_check` wrote.
+TASKEDGE_BOARD_TASKS=mlp,cnn limits the tasks (the emulated aarch64 run takes the small ones).
+Each run records its loss curve and update under FIXTURES/records/<machine>-ort<version>/;
+TASKEDGE_BOARD_COMPARE=<such a folder> checks this run against another machine's to 1e-5.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -20,10 +24,29 @@ import pytest
 FIX = os.environ.get("TASKEDGE_BOARD_FIXTURES")
 pytestmark = pytest.mark.skipif(not FIX, reason="board fixtures not given (TASKEDGE_BOARD_FIXTURES; see .ci/board.sh)")
 CLI = [sys.executable, "-m", "taskedge.runtime.cli"]
+COMPARE = os.environ.get("TASKEDGE_BOARD_COMPARE")
 
 
 def info():
     return json.loads((Path(FIX) / "board.json").read_text())
+
+
+def _tasks():
+    if not FIX:
+        return []
+    wanted = [t for t in os.environ.get("TASKEDGE_BOARD_TASKS", "").split(",") if t]
+    unknown = set(wanted) - set(info()["tasks"])
+    assert not unknown, f"TASKEDGE_BOARD_TASKS names {sorted(unknown)}; the fixtures hold {sorted(info()['tasks'])}"
+    return wanted or list(info()["tasks"])
+
+
+TASKS = _tasks()
+RESUME_TASKS = [t for t in TASKS if t in ("text", "cnn")]
+
+
+def record_dir():
+    import onnxruntime as ort
+    return Path(FIX) / "records" / f"{platform.machine()}-ort{ort.__version__}"
 
 
 def adapt_cmd(task, run_dir, steps, *extra):
@@ -48,7 +71,14 @@ def test_this_venv_is_a_plain_inference_install():
     print(f"onnxruntime {ort.__version__} {ort.get_available_providers()}")
 
 
-@pytest.mark.parametrize("task", ["text", "vision"])
+def test_doctor_sees_this_board():
+    rep = json.loads(run([*CLI, "doctor", "--json"]).stdout)
+    assert rep["ok"], [c for c in rep["checks"] if c["status"] == "fail"]
+    import onnxruntime as ort
+    assert ort.__version__ in next(c["detail"] for c in rep["checks"] if c["name"] == "onnxruntime")
+
+
+@pytest.mark.parametrize("task", TASKS)
 def test_loss_curve_matches_ort_training(task, tmp_path):
     steps = info()["steps"]
     rep = json.loads(run(adapt_cmd(task, tmp_path / "run", steps, "--checkpoint-every", str(steps))).stdout)
@@ -68,12 +98,23 @@ def test_loss_curve_matches_ort_training(task, tmp_path):
     assert diff.max() <= max(1e-4, 5 * chaos), (diff.max(), chaos)
     if task == "text":          # vision's head + update alone are 1.35 % of MobileNetV2's weights
         assert rep["checkpoint_share_of_model"] <= 0.01
+    update = dict(np.load(tmp_path / "run" / "update.npz"))
+    out = record_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / f"{task}.npz", losses=got, **update)
+    if COMPARE:
+        other = np.load(Path(COMPARE) / f"{task}.npz")
+        assert sorted(other.files) == sorted(["losses", *update]), (other.files, sorted(update))
+        worst = {k: float(np.abs(other[k] - (got if k == "losses" else update[k])).max()) for k in other.files}
+        print(f"{task}: {platform.machine()} vs {Path(COMPARE).name}: max |difference| {max(worst.values()):.1e}")
+        assert max(worst.values()) <= 1e-5, worst
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("task", RESUME_TASKS)
+def test_kill_and_resume_is_bit_identical(task, tmp_path):
     steps = 24
-    run(adapt_cmd("text", tmp_path / "straight", steps, "--checkpoint-every", "4"))
-    p = subprocess.Popen(adapt_cmd("text", tmp_path / "killed", steps, "--checkpoint-every", "4"),
+    run(adapt_cmd(task, tmp_path / "straight", steps, "--checkpoint-every", "4"))
+    p = subprocess.Popen(adapt_cmd(task, tmp_path / "killed", steps, "--checkpoint-every", "4"),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while not (tmp_path / "killed" / "ckpt-00000008.json").exists() and p.poll() is None:
@@ -81,7 +122,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    rep = json.loads(run(adapt_cmd("text", tmp_path / "killed", steps, "--checkpoint-every", "4", "--resume")).stdout)
+    rep = json.loads(run(adapt_cmd(task, tmp_path / "killed", steps, "--checkpoint-every", "4", "--resume")).stdout)
     assert rep["resume"]["from"] and rep["steps"] == steps
     a, b = np.load(tmp_path / "straight" / "update.npz"), np.load(tmp_path / "killed" / "update.npz")
     assert sorted(a.files) == sorted(b.files)
@@ -89,7 +130,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
         assert np.array_equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("task", ["text", "vision"])
+@pytest.mark.parametrize("task", TASKS)
 def test_eval_and_merge(task, tmp_path):
     d = Path(FIX) / task
     run(adapt_cmd(task, tmp_path / "run", 6))
