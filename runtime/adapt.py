@@ -81,6 +81,36 @@ class AdaptOptions:
     device: str = "cpu"
     threads: int = 0
     quiet: bool = False
+    from_run: Optional[dict] = None     # settings --resume took from the interrupted run (see `options`)
+
+
+# What a run records in its checkpoints (`Session.run_flags`); `--resume` takes these for every flag not given.
+RECORDED = ("data", "eval_data", "batch_size", "seed", "profile", "power_mode", "steps", "epochs", "lr",
+            "schedule", "warmup", "skip_bad")
+
+
+def options(bundle_dir, given: dict) -> AdaptOptions:
+    """AdaptOptions from the flags the user gave (absent or None: not given). With --resume, each
+    recorded setting of the interrupted run (its newest good checkpoint) fills a flag not given;
+    the rest take AdaptOptions' defaults. A given flag that contradicts the run is judged later
+    (`Session._check_resume_flags`)."""
+    given = {k: v for k, v in given.items() if v is not None and k in AdaptOptions.__dataclass_fields__}
+    run_dir = given.get("run_dir") or Path(bundle_dir) / "run"
+    taken: Dict[str, object] = {}
+    if given.get("resume"):
+        found = CheckpointStore(run_dir).latest(warn=lambda m: None)
+        saved = (found[1].get("flags") or {}) if found else {}
+        taken = {k: saved[k] for k in RECORDED
+                 if k not in given and saved.get(k) is not None and saved.get(k) is not False}
+    if "data" not in given and "data" not in taken:
+        raise UserError(f"--resume found no checkpoint recording --data in {run_dir}; give --data (the training set)"
+                        if given.get("resume") else "--data is required: the training set (.npz, .jsonl or an "
+                        "image folder); only --resume takes it from the interrupted run's checkpoint")
+    return AdaptOptions(**{**given, **taken}, from_run=taken or None)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def lr_at(step: int, total: int, base: float, schedule: str, warmup: int) -> float:
@@ -143,6 +173,9 @@ class Session:
     def __init__(self, bundle_dir, opts: AdaptOptions, log: Optional[Callable[[str], None]] = None):
         self.opts = opts
         self.log = log or (lambda m: None if opts.quiet else print(f"\r[adapt] {m}", file=sys.stderr, flush=True))
+        if opts.from_run:
+            self.log("resuming with the run's settings: " + " ".join(
+                _flag(k) if v is True else f"{_flag(k)} {v}" for k, v in opts.from_run.items()))
         self.dir = Path(bundle_dir)
         self.manifest = B.load_bundle(self.dir)
         self.profile = load_profile(opts.profile)
@@ -355,16 +388,21 @@ class Session:
     # --resume must see the same data (else it silently trains on another set or order) ...
     RESUME_SAME = {"data": "--data", "eval_data": "--eval-data", "records": "the record count of --data",
                    "seed": "--seed", "batch_size": "--batch-size"}
-    # ... and may change the schedule (extend --steps, lower --lr, add --skip-bad): noted in the log
+    # ... and may change the schedule (extend --steps, lower --lr, add --skip-bad) or the device profile:
+    # noted in the log
     RESUME_MAY_CHANGE = {"steps": "--steps", "epochs": "--epochs", "lr": "--lr", "schedule": "--schedule",
-                         "warmup": "--warmup", "skip_bad": "--skip-bad"}
+                         "warmup": "--warmup", "skip_bad": "--skip-bad", "profile": "--profile",
+                         "power_mode": "--power-mode"}
 
     def run_flags(self) -> dict:
+        """The run's settings, recorded in every checkpoint (paths absolute, so --resume works from anywhere)."""
         o = self.opts
         return {"data": str(Path(o.data).resolve()), "eval_data": str(Path(o.eval_data).resolve()) if o.eval_data else None,
                 "records": len(self.full_train), "steps": o.steps, "epochs": o.epochs,
                 "lr": o.lr, "schedule": o.schedule, "warmup": o.warmup, "seed": o.seed,
-                "batch_size": o.batch_size, "skip_bad": o.skip_bad}
+                "batch_size": o.batch_size, "skip_bad": o.skip_bad,
+                "profile": str(Path(o.profile).resolve()) if Path(o.profile).is_file() else o.profile,
+                "power_mode": o.power_mode}
 
     def _check_resume_flags(self, saved: Optional[dict]) -> None:
         if not saved:                       # checkpoints written before the flags were recorded
@@ -374,12 +412,13 @@ class Session:
         refused = [f"{self.RESUME_SAME[k]}: {v}" for k, v in changed.items() if k in self.RESUME_SAME]
         if refused:
             raise UserError("--resume with different data than the interrupted run (" + "; ".join(refused) +
-                            "): pass the same flags to continue it, or --fresh to start over")
+                            "): leave these flags out to continue the run with its own, or pass --fresh to start over")
         notes = [f"{self.RESUME_MAY_CHANGE[k]}: {v}" for k, v in changed.items() if k in self.RESUME_MAY_CHANGE]
         if notes:
             self.log("resuming with changed settings (" + "; ".join(notes) + "); the schedule follows the new values")
         if self.resume_info is not None:
             self.resume_info["changed"] = {k: v for k, v in changed.items() if k in self.RESUME_MAY_CHANGE}
+            self.resume_info["taken_from_run"] = dict(self.opts.from_run or {})
 
     def snapshot(self) -> dict:
         return {"flags": self.run_flags(), "step": self.step, "plan": {**self.plan, "micro_batch": self.micro}, "lr_scale": self.lr_scale,

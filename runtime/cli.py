@@ -45,10 +45,9 @@ def cmd_inspect(a) -> int:
 
 
 def cmd_adapt(a) -> int:
-    from .adapt import AdaptOptions, adapt
-    opts = AdaptOptions(**{k: getattr(a, k) for k in AdaptOptions.__dataclass_fields__ if hasattr(a, k)})
-    report = adapt(a.bundle, opts)
-    if a.json:
+    from .adapt import adapt, options
+    report = adapt(a.bundle, options(a.bundle, vars(a)))      # a flag not given is absent from `a`
+    if getattr(a, "json", False):
         _print_json(report)
     else:
         acc = report["accuracy"]
@@ -100,6 +99,14 @@ def cmd_profile_show(a) -> int:
     return 0
 
 
+# Run by tests/test_readme.py (each `$ ` line, in the README walk-through's folder).
+ADAPT_EXAMPLES = """examples (files of the README walk-through):
+  $ taskedge adapt bundle/ --data train.npz --profile jetson-orin-nano-8gb --steps 200 --run-dir runs/r1
+  $ taskedge adapt bundle/ --run-dir runs/r1 --resume --steps 400
+    continues runs/r1 with its recorded data, batch size, seed, profile and schedule; only --steps is new
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="taskedge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,38 +144,45 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
 
+    # argument_default=SUPPRESS: a flag not given is absent, so --resume can take the run's recorded value
+    # for it; the defaults named in the help are AdaptOptions' (runtime/adapt.py)
     ad = sub.add_parser("adapt", help="board: sparse adaptation under memory and energy budgets",
-                        description="Train the bundle's sparse update on the board: its step graph on plain "
-                                    "onnxruntime, AdamW on the trainable state. Stops at --steps/--epochs, --max-seconds or the energy budget, "
-                                    "whichever comes first, and always leaves a checkpoint.")
+                        argument_default=argparse.SUPPRESS, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Train the bundle's sparse update on the board: its step graph on plain onnxruntime,\n"
+                                    "AdamW on the trainable state. Stops at --steps/--epochs, --max-seconds or the energy\n"
+                                    "budget, whichever comes first, and always leaves a checkpoint.",
+                        epilog=ADAPT_EXAMPLES)
     ad.add_argument("bundle")
-    ad.add_argument("--data", required=True, help=".npz (inputs + labels), .jsonl text, or an image folder")
+    ad.add_argument("--data", help=".npz (inputs + labels), .jsonl text, or an image folder "
+                                   "(required, except with --resume: the run's)")
     ad.add_argument("--eval-data", help="held-out data for accuracy (default: 10%% of --data)")
-    ad.add_argument("--profile", default="host-cpu", help="device profile name or .toml (see `taskedge profiles`)")
+    ad.add_argument("--profile", help="device profile name or .toml (see `taskedge profiles`; default host-cpu)")
     ad.add_argument("--power-mode", help="nvpmodel mode of the profile (default: its default)")
     ad.add_argument("--memory-budget-mb", type=float, help="peak RSS budget (default: the profile's share)")
     ad.add_argument("--energy-budget-j", type=float, help="stop cleanly at this much energy (joules, cumulative)")
     ad.add_argument("--max-seconds", type=float, help="stop after this many seconds")
     ad.add_argument("--steps", type=int, help="optimizer steps to run in total")
     ad.add_argument("--epochs", type=float, help="epochs over --data (if --steps is not given)")
-    ad.add_argument("--batch-size", type=int, default=32, help="effective batch size (default 32)")
+    ad.add_argument("--batch-size", type=int, help="effective batch size (default 32)")
     ad.add_argument("--micro-batch", type=int, help="force the micro-batch instead of planning it")
     ad.add_argument("--lr", type=float, help="peak learning rate (default: the bundle's)")
-    ad.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
-    ad.add_argument("--warmup", type=int, default=10, help="warm-up steps (default 10)")
-    ad.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: start and end)")
-    ad.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint every N steps (default 50)")
-    ad.add_argument("--keep", type=int, default=2, help="checkpoints to keep (default 2)")
+    ad.add_argument("--schedule", choices=["cosine", "linear", "constant"], help="lr schedule (default cosine)")
+    ad.add_argument("--warmup", type=int, help="warm-up steps (default 10)")
+    ad.add_argument("--eval-every", type=int, help="evaluate every N steps (default: start and end)")
+    ad.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 50)")
+    ad.add_argument("--keep", type=int, help="checkpoints to keep (default 2)")
     ad.add_argument("--run-dir", help="checkpoints and update.npz go here (default BUNDLE/run)")
-    ad.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
+    ad.add_argument("--resume", action="store_true",
+                    help="continue from the newest good checkpoint, with the run's recorded data, eval data, batch "
+                         "size, seed, profile and schedule for every flag not given (other data is refused)")
     ad.add_argument("--fresh", action="store_true", help="discard existing checkpoints and start over")
     ad.add_argument("--skip-bad", action="store_true",
                     help="skip (and count) bad records instead of stopping at the first one")
     ad.add_argument("--control-file", help="JSON file re-read every step, e.g. {\"memory_budget_mb\": 900} "
                                           "(default RUN_DIR/control.json)")
-    ad.add_argument("--seed", type=int, default=0, help="data order seed")
-    ad.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (default: ORT's choice)")
-    ad.add_argument("--device", default="cpu", help="cpu, or cuda[:N] with NVIDIA's onnxruntime-gpu (JetPack) installed (default cpu)")
+    ad.add_argument("--seed", type=int, help="data order seed (default 0)")
+    ad.add_argument("--threads", type=int, help="ORT intra-op threads (default: ORT's choice)")
+    ad.add_argument("--device", help="cpu, or cuda[:N] with NVIDIA's onnxruntime-gpu (JetPack) installed (default cpu)")
     ad.add_argument("--quiet", action="store_true", help="no progress output")
     ad.add_argument("--json", action="store_true", help="print the final report as JSON")
     ad.set_defaults(fn=cmd_adapt)

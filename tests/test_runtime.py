@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -55,6 +56,43 @@ def test_resume_after_energy_stop_gives_the_same_update(tmp_path, mlp_bundle, ml
     a, b = np.load(tmp_path / "a" / "update.npz"), np.load(tmp_path / "b" / "update.npz")
     for k in a.files:
         assert np.array_equal(a[k], b[k]), k          # bit-identical
+
+
+def test_resume_with_only_the_bundle_continues_the_run_with_its_settings(tmp_path, mlp_bundle, mlp_data):
+    """`adapt BUNDLE --run-dir R --resume` takes the run's data, eval data, batch size, seed, profile and schedule:
+    the update is bit-identical to an uninterrupted run's. A flag that contradicts the run is refused."""
+    profile = tmp_path / "board.toml"          # by path, under a name of its own: the report shows it was used
+    host = Path(__file__).resolve().parents[1] / "device_profiles" / "host-cpu.toml"
+    profile.write_text(host.read_text().replace('name = "host-cpu"', 'name = "my-board"'))
+    data, test = mlp_data / "train.npz", mlp_data / "test.npz"
+    flags = ("--eval-data", test, "--batch-size", "16", "--seed", "3", "--profile", profile, "--steps", "40",
+             "--schedule", "linear", "--warmup", "3")
+    _adapt(mlp_bundle, data, tmp_path / "a", *flags)
+    part = _adapt(mlp_bundle, data, tmp_path / "b", *flags, "--energy-budget-j", "0.03")
+    assert part["stop_reason"] == "energy_budget" and 0 < part["steps"] < 40
+    r = run_cli("adapt", mlp_bundle, "--run-dir", tmp_path / "b", "--resume", "--batch-size", "32")
+    err = r.stderr.strip().splitlines()[-1]             # one line: the flag, both values, the fix
+    assert r.returncode == 2 and err.startswith("taskedge adapt: error:"), r.stderr
+    assert "--batch-size: 16 then, 32 now" in err and "leave" in err and "--fresh" in err, err
+    r = run_cli("adapt", mlp_bundle, "--run-dir", tmp_path / "b", "--resume", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rest = json.loads(r.stdout)
+    assert "resuming with the run's settings: --data " in r.stderr
+    assert rest["steps"] == 40 and rest["steps_this_run"] == 40 - part["steps"] and rest["stop_reason"] == "steps"
+    assert rest["profile"] == "my-board" and rest["effective_batch"] == 16
+    assert rest["accuracy"]["eval_source"] == str(test.resolve())
+    assert set(rest["resume"]["taken_from_run"]) == {"data", "eval_data", "batch_size", "seed", "profile", "steps",
+                                                     "lr", "schedule", "warmup"} and not rest["resume"]["changed"]
+    a, b = np.load(tmp_path / "a" / "update.npz"), np.load(tmp_path / "b" / "update.npz")
+    for k in a.files:
+        assert np.array_equal(a[k], b[k]), k          # bit-identical
+
+
+def test_adapt_without_data_says_how_to_give_it(tmp_path, mlp_bundle):
+    r = run_cli("adapt", mlp_bundle, "--run-dir", tmp_path / "none")
+    assert r.returncode == 2 and "--data is required" in r.stderr, r.stderr
+    r = run_cli("adapt", mlp_bundle, "--run-dir", tmp_path / "none", "--resume")
+    assert r.returncode == 2 and "no checkpoint recording --data" in r.stderr and "give --data" in r.stderr
 
 
 def test_existing_run_needs_resume_or_fresh(tmp_path, mlp_bundle, mlp_data):
