@@ -643,6 +643,10 @@ def run_bench(model: str = "text", quick: bool = False, steps: int = None, seed:
     if steps:
         cfg["steps"] = steps
     cfg.update(cfg_override or {})
+    if cfg["steps"] <= cfg["skip"]:
+        from taskedge.runtime.fsutil import UserError
+        raise UserError(f"--steps {cfg['steps']}: the first {cfg['skip']} steps are warm-up and not timed; "
+                        f"give --steps {cfg['skip'] + 1} or more")
     variants = list(variants or VARIANTS)
     if model == "vision":
         cfg.setdefault("n_test", None)
@@ -846,7 +850,7 @@ def _add_args(p) -> None:
     p.add_argument("--quick", action="store_true", help=f"{QUICK['steps']} steps, {QUICK['n_test']} test examples")
     p.add_argument("--steps", type=int, help="override the step count")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--variants", help="comma-separated subset of: " + ", ".join(VARIANTS).replace("%", "%%"))
     p.add_argument("--out", default="bench", help="folder for bench.md / bench.png / bench.json")
     p.add_argument("--workdir", help="keep bundles/artifacts here (default: a temp dir, removed)")
     p.add_argument("--keep", action="store_true", help="keep the temp work dir")
