@@ -9,7 +9,7 @@ reads `rows * k` entries. For each such layer this pass
    selection uses (MiniLM: 16-129 of 384/1536), gathered once in the forward pass;
 2. rebuilds W' in the backward pass just before the GEMM that computes dx, so that the
    forward's copy of W' is freed after the forward op instead of living until backward.
-   The rebuilt copy is tied to dy (rewrite.tie_after), so ORT cannot schedule it early.
+   The rebuilt copy is tied to dy (graph.Emitter.tie_after), so ORT cannot schedule it early.
 
 Conv layers (Conv, depthwise and grouped included): ConvGrad's dense weight gradient is dropped
 (its dX stays, lowered to ConvTranspose) and each selected entry's gradient is computed directly,
@@ -29,9 +29,9 @@ from onnx import helper
 from taskedge.runtime.bundle import LayerAllocation
 
 from .backward_conv import rewrite_conv_layer
-from .graphedit import GraphEdit
+from .graph import Emitter, GraphEdit
 from .layers import node_attr
-from .rewrite import FORWARD_TIE, tie_after
+from .rewrite import FORWARD_TIE
 
 
 def _alpha(layer: LayerAllocation, fwd: onnx.NodeProto) -> Optional[float]:
@@ -69,8 +69,8 @@ def _rewrite_layer(G: GraphEdit, layer: LayerAllocation, idx_rows: np.ndarray) -
         xu, cols_used, pos = x, np.arange(layer.cols), idx
     else:                                        # forward: keep only the used columns of x
         xu = p + "_x_used"
-        G.after.setdefault(id(fwd), []).append(
-            helper.make_node("Gather", [x, G.const(p + "_cols", cols_used)], [xu], name=xu, axis=-1))
+        G.insert_after(fwd, [
+            helper.make_node("Gather", [x, G.const(p + "_cols", cols_used)], [xu], name=xu, axis=-1)])
         # W' waits for x[..., U] (not just x): ORT then gathers before the forward op, and x is
         # freed after it instead of living until backward (MiniLM: 27 MB of GELU outputs)
         tie = G.producer.get(f"{w}.taskedge_{FORWARD_TIE}_after_dims")
@@ -92,17 +92,16 @@ def _rewrite_layer(G: GraphEdit, layer: LayerAllocation, idx_rows: np.ndarray) -
         gather_idx = pos                                       # [rows, k]
     nodes.append(helper.make_node("GatherElements", [g, G.const(p + "_pos", gather_idx)], [upd_grad],
                                   name=p + "_pick", axis=axis))
-    G.before.setdefault(id(pick), []).extend(nodes)
-    G.removed.update({id(pick), id(dense)})
+    G.insert_before(pick, nodes)
+    G.remove(pick, dense)
     # backward: rebuild W' where dx needs it, ordered after dy exists
     later = [n for n in G.consumers.get(wp, []) if n is not fwd and n is not dense]
     if later:
         rebuilt = wp + "_bwd"
-        nodes, tied = tie_after(scatter.input[2], upd_grad, p + "_upd_after_grad", G.const(p + "_zero", np.array([0], np.int64)))
-        nodes.append(helper.make_node("ScatterElements", [scatter.input[0], scatter.input[1], tied], [rebuilt],
-                                      name=rebuilt, axis=axis))
-        first = later[0]
-        G.before.setdefault(id(first), []).extend(nodes)
+        e = Emitter(G, p)
+        tied = e.tie_after(scatter.input[2], upd_grad, "_upd_after_grad")
+        e("ScatterElements", [scatter.input[0], scatter.input[1], tied], rebuilt, axis=axis)
+        G.insert_before(later[0], e.nodes)
         for n in later:
             for i, name in enumerate(n.input):
                 if name == wp:

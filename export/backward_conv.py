@@ -25,7 +25,7 @@ import onnx
 
 from taskedge.runtime.bundle import LayerAllocation
 
-from .graphedit import Emitter, GraphEdit
+from .graph import Emitter, GraphEdit
 from .layers import node_attr
 from .lower_conv import strided_window
 
@@ -139,7 +139,7 @@ def _constant_weight_depthwise(G: GraphEdit, c: _Conv) -> bool:
     d_cols = [f("Reshape", [f("Gather", [delta, f.c(j)], axis=1), f.c(bshape)]) for j in range(k)]
     windows = [f("Conv", [x, e_j], **conv_attrs) for e_j in onehots]
     f("Sum", [y0] + [f("Mul", [p, d]) for p, d in zip(windows, d_cols)], y)
-    G.after.setdefault(id(c.fwd), []).extend(f.nodes)
+    G.insert_after(c.fwd, f.nodes)
     # backward: d delta[:, j] = sum(dy * P_j) over batch and space (replacing ORT's pick from the dense gradient)
     dy = c.cg.input[0]
     b = Emitter(G, f"{c.w}.taskedge_dwbwd")
@@ -163,5 +163,5 @@ def _constant_weight_depthwise(G: GraphEdit, c: _Conv) -> bool:
                                              name=out, domain="com.microsoft", **grad_attrs))
         parts.append(out)
     a("Sum", parts, dx)
-    G.after.setdefault(id(c.cg), []).extend(a.nodes)
+    G.insert_after(c.cg, a.nodes)
     return True

@@ -37,6 +37,7 @@ from onnx import helper, numpy_helper
 from taskedge.runtime import bundle as B
 
 from .exporter import generate_ort_artifacts
+from .graph import Emitter, GraphEdit
 from .layers import count_weights, find_weight_ops, node_attr
 from .rewrite import HEAD_BIAS, HEAD_WEIGHT, add_head, prepare_for_training
 
@@ -82,63 +83,34 @@ def add_lora(model: onnx.ModelProto, rank: int = 8, alpha: float = 16.0, seed: i
     """Insert `y += ((x @ A) @ B) * alpha/r` after every MatMul/Gemm (and groups-1 Conv) weight op."""
     exclude = exclude or set()
     rng = np.random.default_rng(seed)
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    after: Dict[int, list] = {}
+    edit = GraphEdit(model)
+    scale = edit.const("lora.taskedge_scale", np.array(alpha / rank, dtype=np.float32))
     table = []
-    scale_name = "lora.taskedge_scale"
-    g.initializer.append(numpy_helper.from_array(np.array(alpha / rank, dtype=np.float32), scale_name))
-    ops = find_weight_ops(model)          # keep the node wrappers alive: `after` is keyed by id()
-    for op in ops:
-        if op.weight in exclude:
+    for op in find_weight_ops(model):
+        if op.weight in exclude or op.trans_a or (op.op == "Conv" and (not conv or op.groups != 1)):
             continue
-        w = inits[op.weight]
-        p = op.weight
-        nodes = []
+        e = Emitter(edit, f"{op.weight}.lora_")
         if op.op == "Conv":
-            if not conv or op.groups != 1:
-                continue
-            cout, cin = int(w.dims[0]), int(w.dims[1])
-            kshape = list(w.dims[2:])
-            fan_in = cin * int(np.prod(kshape))
-            bound = 1.0 / np.sqrt(fan_in)
-            a = rng.uniform(-bound, bound, size=[rank, cin] + kshape).astype(np.float32)
+            cout, cin, kshape = op.shape[0], op.shape[1], list(op.shape[2:])
+            rows, cols = cout, cin * int(np.prod(kshape))
+            a = rng.uniform(-1 / np.sqrt(cols), 1 / np.sqrt(cols), size=[rank, cin] + kshape).astype(np.float32)
             b = np.zeros([cout, rank] + [1] * len(kshape), dtype=np.float32)
             attrs = {k: node_attr(op.node, k, None) for k in ("strides", "pads", "dilations", "auto_pad")}
-            attrs = {k: v for k, v in attrs.items() if v is not None}
-            x = op.node.input[0]
-            xa = helper.make_node("Conv", [x, f"{p}.lora_A"], [f"{p}.lora_xa"], name=f"{p}.lora_xa", **attrs)
-            xab = helper.make_node("Conv", [f"{p}.lora_xa", f"{p}.lora_B"], [f"{p}.lora_xab"], name=f"{p}.lora_xab")
-            nodes += [xa, xab]
-            rows, cols = cout, fan_in
+            xa = e.node("Conv", [op.node.input[0], e.init("A", a)], "xa", **{k: v for k, v in attrs.items() if v is not None})
+            xab = e.node("Conv", [xa, e.init("B", b)], "xab")
         else:
-            trans_b = node_attr(op.node, "transB", 0) if op.op == "Gemm" else 0
-            if op.trans_a:
-                continue
             rows, cols = op.rows, op.cols
-            bound = 1.0 / np.sqrt(cols)
-            a = rng.uniform(-bound, bound, size=(cols, rank)).astype(np.float32)
+            a = rng.uniform(-1 / np.sqrt(cols), 1 / np.sqrt(cols), size=(cols, rank)).astype(np.float32)
             b = np.zeros((rank, rows), dtype=np.float32)
-            x = op.node.input[0]
-            nodes += [helper.make_node("MatMul", [x, f"{p}.lora_A"], [f"{p}.lora_xa"], name=f"{p}.lora_xa"),
-                      helper.make_node("MatMul", [f"{p}.lora_xa", f"{p}.lora_B"], [f"{p}.lora_xab"],
-                                       name=f"{p}.lora_xab")]
-            del trans_b
-        g.initializer.extend([numpy_helper.from_array(a, f"{p}.lora_A"), numpy_helper.from_array(b, f"{p}.lora_B")])
+            xab = e.node("MatMul", [e.node("MatMul", [op.node.input[0], e.init("A", a)], "xa"), e.init("B", b)], "xab")
         y = op.node.output[0]
-        base = f"{p}.lora_base_out"
-        op.node.output[0] = base
-        nodes += [helper.make_node("Mul", [f"{p}.lora_xab", scale_name], [f"{p}.lora_scaled"], name=f"{p}.lora_scaled"),
-                  helper.make_node("Add", [base, f"{p}.lora_scaled"], [y], name=f"{p}.lora_out")]
-        after[id(op.node)] = nodes
+        op.node.output[0] = e.name("base_out")
+        e.node("Add", [op.node.output[0], e.node("Mul", [xab, scale], "scaled")], "out")
+        e.nodes[-1].output[0] = y                              # the Add takes over the op's output name
+        edit.insert_after(op.node, e.nodes)
         table.append({"layer": op.name, "op": op.op, "weight": op.weight, "rows": rows, "cols": cols,
-                      "params": [f"{p}.lora_A", f"{p}.lora_B"], "trainable": int(a.size + b.size)})
-    new = []
-    for node in g.node:
-        new.append(node)
-        new.extend(after.get(id(node), []))
-    del g.node[:]
-    g.node.extend(new)
+                      "params": [e.name("A"), e.name("B")], "trainable": int(a.size + b.size)})
+    edit.commit()
     return table
 
 
@@ -201,17 +173,12 @@ def build_floor(model: onnx.ModelProto, num_classes: int, out, seed: int = 0) ->
     else:                                    # x is [..., cols]
         bias = np.zeros(op.cols, np.float32)
     name = "taskedge_floor.bias"
-    m.graph.initializer.append(numpy_helper.from_array(bias, name))
-    for node in m.graph.node:
-        for i, t in enumerate(node.input):
-            if t == x:
-                node.input[i] = name + ".out"
-    probe = helper.make_node("Add", [x, name], [name + ".out"], name=name)
-    nodes = list(m.graph.node)
-    at = next(i for i, n in enumerate(nodes) if name + ".out" in n.input)
-    nodes.insert(at, probe)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
+    edit = GraphEdit(m)
+    consumers = [n for n in m.graph.node if x in n.input]
+    for node in consumers:
+        node.input[:] = [name + ".out" if t == x else t for t in node.input]
+    edit.insert_before(consumers[0], [helper.make_node("Add", [x, edit.const(name, bias)], [name + ".out"], name=name)])
+    edit.commit()
     return _write(m, base, [name] + sorted(head["params"]), Path(out),
                   {"method": "floor", "num_weights": num_weights, "head": head, "probe_input": x})
 

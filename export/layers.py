@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from taskedge.runtime.bundle import rows_view
+
 
 @dataclass
 class WeightOp:
@@ -40,10 +42,7 @@ class WeightOp:
         return int(np.prod(self.shape)) // self.rows
 
     def rows_view(self, w: np.ndarray) -> np.ndarray:
-        """The weight as [rows, cols] (Conv: [Cout, Cin/g*kh*kw])."""
-        if self.op == "Conv":
-            return w.reshape(w.shape[0], -1)
-        return w if self.row_axis == 0 else w.T
+        return rows_view(w, self.op, self.row_axis)
 
     def row_norms(self, channel_norms: np.ndarray) -> np.ndarray:
         """Per-row view of the input-channel norms, [cols] or [rows, cols] for grouped convs."""

@@ -40,7 +40,7 @@ from onnx import shape_inference
 
 from taskedge.runtime.fsutil import UserError
 
-from .graphedit import Emitter, GraphEdit
+from .graph import Emitter, GraphEdit
 
 MS = "com.microsoft"
 # Contrib ops kept as they are: present in every onnxruntime build, CPU and CUDA EPs.

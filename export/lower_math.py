@@ -11,7 +11,7 @@ from onnx import helper
 
 from taskedge.runtime.fsutil import UserError
 
-from .graphedit import Emitter
+from .graph import Emitter
 from .layers import node_attr
 from .lower import Context, f32, lowering, opt_in, opt_out, reduce_axes
 

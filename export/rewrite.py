@@ -1,8 +1,9 @@
 """Rewrite an ONNX graph so that each selected weight gets an update path whose only
 trainable tensor is its delta (or, with sparse LoRA, its A and B factors).
 
-Two formulations (DESIGN.md):
-  gather   y = op(x, W) + ReduceSum(Gather(x, idx) * delta, -1)   never builds a dense update
+Four formulations (README "Update formulations"), two kinds:
+  gather, gather_rows, gather_elements
+           y = op(x, W) + ReduceSum(Gather(x, idx) * delta, -1)   never builds a dense update
   scatter  y = op(x, W'),  W' = ScatterElements(W, idx, GatherElements(W, idx) + delta)
 Names derive from the weight: `<weight>.taskedge_delta`, `<weight>.taskedge_idx`, ...
 """
@@ -16,6 +17,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from taskedge.runtime.bundle import LayerAllocation
 
+from .graph import Emitter, GraphEdit, prune_unused_initializers
 from .layers import WeightOp, node_attr
 
 HEAD_WEIGHT = "taskedge_head.weight"
@@ -31,46 +33,7 @@ DEFAULT_FORMULATION = {"MatMul": "scatter", "Gemm": "gather_elements", "Conv": "
 FORMULATIONS = ("gather", "gather_rows", "gather_elements", "scatter")
 
 
-def opset_of(model: onnx.ModelProto) -> int:
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            return o.version
-    return 1
-
-
-class _Builder:
-    """Collects new nodes and initializers for one update path."""
-
-    def __init__(self, model: onnx.ModelProto, prefix: str):
-        self.model, self.prefix, self.nodes, self.opset = model, prefix, [], opset_of(model)
-
-    def name(self, suffix: str) -> str:
-        return f"{self.prefix}.taskedge_{suffix}"
-
-    def init(self, suffix: str, array: np.ndarray) -> str:
-        n = self.name(suffix)
-        self.model.graph.initializer.append(numpy_helper.from_array(array, n))
-        return n
-
-    def node(self, op: str, inputs: List[str], suffix: str, **attrs) -> str:
-        out = self.name(suffix)
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
-
-    def reduce_sum(self, x: str, axis: int, suffix: str) -> str:
-        if self.opset >= 13:
-            axes = self.init(f"{suffix}_axes", np.array([axis], dtype=np.int64))
-            return self.node("ReduceSum", [x, axes], suffix, keepdims=0)
-        return self.node("ReduceSum", [x], suffix, axes=[axis], keepdims=0)
-
-    def unsqueeze(self, x: str, axis: int, suffix: str) -> str:
-        if self.opset >= 13:
-            axes = self.init(f"{suffix}_axes", np.array([axis], dtype=np.int64))
-            return self.node("Unsqueeze", [x, axes], suffix)
-        return self.node("Unsqueeze", [x], suffix, axes=[axis])
-
-
-def _delta(b: _Builder, rows: int, idx_rows: np.ndarray, cols: int, lora_rank: Optional[int],
+def _delta(b: Emitter, rows: int, idx_rows: np.ndarray, cols: int, lora_rank: Optional[int],
            rng: np.random.Generator) -> Tuple[str, List[str], int]:
     """The [rows, k] update tensor: a trainable initializer, or (B @ A) gathered at the mask."""
     k = idx_rows.shape[1]
@@ -90,7 +53,7 @@ def _delta(b: _Builder, rows: int, idx_rows: np.ndarray, cols: int, lora_rank: O
     return d, [a, bb], r * (rows + cols)
 
 
-def _times_alpha(b: _Builder, op: WeightOp, update: str) -> str:
+def _times_alpha(b: Emitter, op: WeightOp, update: str) -> str:
     """Gemm computes alpha * A @ B: the update's output term is scaled the same way, so that
     delta lives in weight space (what `merge` adds to W)."""
     alpha = float(node_attr(op.node, "alpha", 1.0)) if op.op == "Gemm" else 1.0
@@ -99,7 +62,7 @@ def _times_alpha(b: _Builder, op: WeightOp, update: str) -> str:
     return b.node("Mul", [update, b.init("alpha", np.array(alpha, dtype=np.float32))], "update_scaled")
 
 
-def _gather_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str, y: str) -> str:
+def _gather_path(b: Emitter, op: WeightOp, idx_rows: np.ndarray, delta: str, y: str) -> str:
     """Extra output ReduceSum(Gather(x, idx) * delta) added to y."""
     idx = b.init("idx", idx_rows)
     axis = -1 if op.op == "MatMul" else 1
@@ -110,7 +73,7 @@ def _gather_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str, y:
     return b.node("Add", [y, s], "out")
 
 
-def _gather_rows_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str, y: str) -> str:
+def _gather_rows_path(b: Emitter, op: WeightOp, idx_rows: np.ndarray, delta: str, y: str) -> str:
     """Like _gather_path, but gathers whole rows of the transposed input ([cols, tokens]).
 
     Same math; the backward pass becomes a row scatter-add (GatherGrad on axis 0), which
@@ -130,7 +93,7 @@ def _gather_rows_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: st
     return b.node("Add", [y, shaped], "out")
 
 
-def _gather_elements_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str, y: str) -> str:
+def _gather_elements_path(b: Emitter, op: WeightOp, idx_rows: np.ndarray, delta: str, y: str) -> str:
     """Same math again, with GatherElements on [tokens, cols] (its backward is a ScatterElements-add)."""
     rows, k = idx_rows.shape
     flat = b.node("Reshape", [op.activation, b.init("flat_shape", np.array([-1, op.cols], dtype=np.int64))],
@@ -150,20 +113,7 @@ def _gather_elements_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta
 FORWARD_TIE = "w_updated_after_x"     # W' is built once the layer's input exists (backward.py moves it to x[..., U])
 
 
-def tie_after(tensor: str, after: str, prefix: str, zero: str) -> Tuple[List[onnx.NodeProto], str]:
-    """A no-op Reshape of `tensor` that reads `after`'s shape, so ORT cannot run what consumes
-    it before `after` exists. `zero` names an int64 [0] initializer. Used to build each W'
-    just before its layer runs instead of all of them at the start of the step."""
-    n = lambda op, ins, suffix, **kw: helper.make_node(op, ins, [f"{prefix}_{suffix}"], name=f"{prefix}_{suffix}", **kw)
-    nodes = [n("Shape", [after], "after_dims"),
-             n("Slice", [f"{prefix}_after_dims", zero, zero], "no_dims"),
-             n("Shape", [tensor], "dims"),
-             n("Concat", [f"{prefix}_dims", f"{prefix}_no_dims"], "same_dims", axis=0),
-             n("Reshape", [tensor, f"{prefix}_same_dims"], "tied")]
-    return nodes, f"{prefix}_tied"
-
-
-def _scatter_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str) -> str:
+def _scatter_path(b: Emitter, op: WeightOp, idx_rows: np.ndarray, delta: str) -> str:
     """W' = W with delta added at the selected entries; returns the name of W'."""
     w = op.weight
     if op.op == "Conv":
@@ -177,8 +127,7 @@ def _scatter_path(b: _Builder, op: WeightOp, idx_rows: np.ndarray, delta: str) -
         upd = b.node("Transpose", [delta], "delta_t", perm=[1, 0])
     old = b.node("GatherElements", [w2, idx], "w_selected", axis=axis)
     new = b.node("Add", [old, upd], "w_updated")
-    tie, new_tied = tie_after(new, op.activation, b.name(FORWARD_TIE), b.init("zero", np.array([0], np.int64)))
-    b.nodes += tie
+    new_tied = b.tie_after(new, op.activation, FORWARD_TIE)
     w3 = b.node("ScatterElements", [w2, idx, new_tied], "w_scattered", axis=axis)
     if op.op == "Conv":
         w3 = b.node("Reshape", [w3, b.init("w_shape", np.array(op.shape, dtype=np.int64))], "w_new")
@@ -191,14 +140,14 @@ def insert_updates(model: onnx.ModelProto, ops: List[WeightOp], indices: Dict[st
     """Insert update paths in place; return the allocation table for the manifest."""
     formulation = {**DEFAULT_FORMULATION, **(formulation or {})}
     rng = np.random.default_rng(seed)
-    after: Dict[int, Tuple[str, List[onnx.NodeProto]]] = {}
+    edit = GraphEdit(model)
     table = []
     for op in ops:
         idx_rows = indices[op.weight]
         form = formulation[op.op]
         if form.startswith("gather") and (op.op == "Conv" or op.trans_a):
             form = "scatter"                                  # gather needs x laid out as [..., cols]
-        b = _Builder(model, op.weight)
+        b = Emitter(edit, f"{op.weight}.taskedge_")
         delta, params, count = _delta(b, op.rows, idx_rows, op.cols, lora_rank, rng)
         if form in ("gather", "gather_rows", "gather_elements"):
             y = op.node.output[0]
@@ -208,23 +157,14 @@ def insert_updates(model: onnx.ModelProto, ops: List[WeightOp], indices: Dict[st
                     "gather_elements": _gather_elements_path}[form]
             path(b, op, idx_rows, delta, base)
             b.nodes[-1].output[0] = y                          # the Add takes over the original name
+            edit.insert_after(op.node, b.nodes)       # the Add reads the op's output
         else:
             op.node.input[1] = _scatter_path(b, op, idx_rows, delta)
-        after[id(op.node)] = (form, b.nodes)
+            edit.insert_before(op.node, b.nodes)      # W' must exist before the op reads it
         table.append(LayerAllocation(layer=op.name, op=op.op, weight=op.weight, weight_shape=list(op.shape),
                                      rows=op.rows, cols=op.cols, k=int(idx_rows.shape[1]), formulation=form,
                                      row_axis=op.row_axis, trainable=count, params=params))
-    nodes = []
-    for node in model.graph.node:
-        form, extra = after.get(id(node), (None, []))
-        if form == "scatter":
-            nodes.extend(extra)          # W' must exist before the op reads it
-            nodes.append(node)
-        else:
-            nodes.append(node)
-            nodes.extend(extra)          # gather: the Add reads the op's output
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    edit.commit()
     return table
 
 
@@ -292,11 +232,3 @@ def prepare_for_training(model: onnx.ModelProto) -> None:
         if node.op_type == "LayerNormalization" and len(node.output) == 1:
             base = node.name or f"layernorm_{i}"
             node.output.extend([f"{base}.taskedge_mean", f"{base}.taskedge_inv_std"])
-
-
-def prune_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {i for n in model.graph.node for i in n.input}
-    used |= {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from taskedge.runtime.bundle import WEIGHTS, WeightEntry
 
-from .graphedit import GraphEdit
+from .graph import GraphEdit
 from .lower import MS, lower, runs_on_plain_ort
 
 ALIGN = 4096
@@ -64,7 +64,7 @@ def step_graph(training: onnx.ModelProto, data_inputs: List[str], trainable: Lis
     for n in g.node:
         if n.op_type in ACCUMULATORS:
             grad_of[n.output[0]] = n.input[1]
-            edit.removed.add(id(n))
+            edit.remove(n)
     missing = [p for p in trainable if f"{p}_grad.accumulation.out" not in grad_of]
     if missing:
         raise ValueError(f"step graph: ORT produced no gradient for {missing[:3]}")

@@ -81,6 +81,14 @@ class StepSpec:
     optimizer: Dict[str, object] = field(default_factory=dict)    # {"name": "adamw", "betas": .., ...}
 
 
+def rows_view(w: np.ndarray, op: str, row_axis: int) -> np.ndarray:
+    """A weight as [rows, cols], rows being output neurons (a view of `w` where numpy can):
+    Conv [Cout, Cin/groups * kh * kw]; MatMul/Gemm W when rows are axis 0, else W^T."""
+    if op == "Conv":
+        return w.reshape(w.shape[0], -1)
+    return w if row_axis == 0 else w.T
+
+
 @dataclass
 class LayerAllocation:
     """One selected weight and the update path inserted for it."""
@@ -96,6 +104,9 @@ class LayerAllocation:
     trainable: int                  # trainable parameters of this layer's update
     params: List[str]               # trainable tensors: [delta] or [lora_A, lora_B]
     backward: str = "dense"         # sparse: weight gradient only at the used columns (export/backward.py)
+
+    def rows_view(self, w):
+        return rows_view(w, self.op, self.row_axis)
 
 
 @dataclass

@@ -56,7 +56,7 @@ def merged_weights(manifest: B.Manifest, weights: Dict[str, np.ndarray], alloc: 
     out = {}
     for layer in manifest.layers:
         w = weights[layer.weight].astype(np.float32, copy=True)
-        rows = w.reshape(w.shape[0], -1) if layer.op == "Conv" else (w if layer.row_axis == 0 else w.T)
+        rows = layer.rows_view(w)
         idx = alloc[layer.weight].astype(np.int64)
         rows[np.arange(layer.rows)[:, None], idx] += dense_delta(layer, params, idx)
         out[layer.weight] = w

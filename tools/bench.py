@@ -350,7 +350,7 @@ def _map_allocation(mods, bundle: Path) -> list:
     used, pairs = set(), []
     for layer in man.layers:
         w = numpy_helper.to_array(inits[layer.weight])
-        wr = w.reshape(w.shape[0], -1) if layer.op == "Conv" else (w if layer.row_axis == 0 else w.T)
+        wr = layer.rows_view(w)
         hit = next((i for i, (_, _, r) in enumerate(rows_view) if i not in used and r.shape == wr.shape
                     and np.array_equal(r, wr)), None)
         if hit is None:

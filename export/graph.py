@@ -1,0 +1,152 @@
+"""The one way the exporter edits an ONNX graph: splice new nodes in before or after existing
+ones (`GraphEdit.insert_before/insert_after`), replace nodes, then `commit()`: drop what became
+dead, re-establish a valid topological order, prune unused initializers. `Emitter` builds the
+new nodes of one edit under a name prefix. Used by the update paths (rewrite.py), the baselines
+(baselines.py), the sparse backward (backward*.py), the step graph and the lowering (lower*.py)."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset version."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def prune_unused_initializers(model: onnx.ModelProto) -> None:
+    """Drop initializers no node and no graph output reads."""
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+class GraphEdit:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.g = model.graph
+        self.opset = opset_of(model)
+        self.producer = {o: n for n in self.g.node for o in n.output}
+        self.consumers: Dict[str, List[onnx.NodeProto]] = {}
+        for n in self.g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.before: Dict[int, List[onnx.NodeProto]] = {}
+        self.after: Dict[int, List[onnx.NodeProto]] = {}
+        self.removed: set = set()
+        self._consts: Dict[tuple, str] = {}
+        self._names = {t.name for t in self.g.initializer} | {i.name for i in self.g.input} | set(self.producer)
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.g.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def shared_const(self, array, dtype=np.int64) -> str:
+        """A small constant, created once per value and dtype."""
+        a = np.asarray(array, dtype=dtype)
+        key = (a.dtype.str, a.shape, a.tobytes())
+        if key not in self._consts:
+            i = len(self._consts)
+            while f"taskedge_const_{i}" in self._names:      # an earlier edit of this graph made it
+                i += 1
+            self._names.add(f"taskedge_const_{i}")
+            self._consts[key] = self.const(f"taskedge_const_{i}", a)
+        return self._consts[key]
+
+    def insert_before(self, node: onnx.NodeProto, nodes: List[onnx.NodeProto]) -> None:
+        self.before.setdefault(id(node), []).extend(nodes)
+
+    def insert_after(self, node: onnx.NodeProto, nodes: List[onnx.NodeProto]) -> None:
+        self.after.setdefault(id(node), []).extend(nodes)
+
+    def remove(self, *nodes: onnx.NodeProto) -> None:
+        self.removed.update(id(n) for n in nodes)
+
+    def replace(self, node: onnx.NodeProto, nodes: List[onnx.NodeProto]) -> None:
+        self.insert_before(node, nodes)
+        self.remove(node)
+
+    def commit(self) -> None:
+        """Splice the new nodes in, drop dead ones, keep a valid topological order."""
+        nodes = []
+        for n in self.g.node:
+            nodes += self.before.get(id(n), [])
+            if id(n) not in self.removed:
+                nodes.append(n)
+            nodes += self.after.get(id(n), [])
+        outputs = {o.name for o in self.g.output}
+        while True:
+            used = {i for n in nodes for i in n.input} | outputs
+            live = [n for n in nodes if any(o in used for o in n.output)]
+            if len(live) == len(nodes):
+                break
+            nodes = live
+        known = {i.name for i in self.g.input} | {t.name for t in self.g.initializer} | {""}
+        order, pending = [], nodes
+        while pending:
+            rest = []
+            for n in pending:
+                if all(i in known for i in n.input):
+                    order.append(n)
+                    known.update(n.output)
+                else:
+                    rest.append(n)
+            if len(rest) == len(pending):
+                missing = sorted({i for n in rest for i in n.input if i not in known})[:3]
+                raise RuntimeError(f"graph edit: cannot order {[n.name for n in rest[:3]]} (missing {missing})")
+            pending = rest
+        del self.g.node[:]
+        self.g.node.extend(order)
+        prune_unused_initializers(self.model)
+        self.before, self.after, self.removed = {}, {}, set()
+
+
+class Emitter:
+    """Builds the new nodes of one edit: `e(op, inputs)` names its output `<prefix>/<op>_<n>`,
+    `e.node(op, inputs, suffix)` and `e.init(suffix, array)` name theirs `<prefix><suffix>`
+    (stable names the manifest and later passes refer to); `e.c(value)` is a shared constant."""
+
+    def __init__(self, edit: GraphEdit, prefix: str):
+        self.edit, self.prefix, self.nodes, self._n = edit, prefix, [], 0
+
+    def __call__(self, op: str, inputs: List[str], out: Optional[str] = None, domain: str = "", **attrs) -> str:
+        if out is None:
+            self._n += 1
+            out = f"{self.prefix}/{op}_{self._n}"
+        self.nodes.append(helper.make_node(op, list(inputs), [out], name=out, domain=domain or None, **attrs))
+        return out
+
+    def c(self, value, dtype=np.int64) -> str:
+        return self.edit.shared_const(value, dtype)
+
+    def name(self, suffix: str) -> str:
+        return f"{self.prefix}{suffix}"
+
+    def init(self, suffix: str, array: np.ndarray) -> str:
+        return self.edit.const(self.name(suffix), array)
+
+    def node(self, op: str, inputs: List[str], suffix: str, **attrs) -> str:
+        return self(op, inputs, self.name(suffix), **attrs)
+
+    def reduce_sum(self, x: str, axis: int, suffix: str) -> str:
+        if self.edit.opset >= 13:
+            return self.node("ReduceSum", [x, self.c([axis])], suffix, keepdims=0)
+        return self.node("ReduceSum", [x], suffix, axes=[axis], keepdims=0)
+
+    def unsqueeze(self, x: str, axis: int, suffix: str) -> str:
+        if self.edit.opset >= 13:
+            return self.node("Unsqueeze", [x, self.c([axis])], suffix)
+        return self.node("Unsqueeze", [x], suffix, axes=[axis])
+
+    def tie_after(self, tensor: str, after: str, label: str) -> str:
+        """A no-op Reshape of `tensor` that reads `after`'s shape, so ORT cannot run what consumes
+        it before `after` exists (e.g. each W' built just before its layer runs, not all at the
+        start of the step). Returns the tied tensor's name."""
+        dims_after = self.node("Shape", [after], f"{label}_after_dims")
+        no_dims = self.node("Slice", [dims_after, self.c([0]), self.c([0])], f"{label}_no_dims")
+        same = self.node("Concat", [self.node("Shape", [tensor], f"{label}_dims"), no_dims], f"{label}_same_dims", axis=0)
+        return self.node("Reshape", [tensor, same], f"{label}_tied")
