@@ -130,7 +130,10 @@ def test_manifest_hashes_and_inspect_json(mlp_bundle):
     r = run_cli("inspect", mlp_bundle, "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["update_params"] == sum(l["trainable"] for l in info["layers"])
+    alloc = np.load(mlp_bundle / B.ALLOCATION)          # the entries themselves, counted independently
+    assert info["update_params"] == sum(alloc[k].size for k in alloc.files) > 0
+    state = np.load(mlp_bundle / B.INITIAL_STATE)
+    assert info["update_params"] + info["head_params"] == sum(state[k].size for k in state.files)
     assert info["head_params"] == 64 * 3 + 3
     assert all(l["min_inputs_per_neuron"] >= 1 for l in info["layers"])
 

@@ -84,16 +84,19 @@ def test_random_manifest_flips_all_detected(mlp_bundle, tmp_path, record):
     shutil.copytree(mlp_bundle, b)
     raw = (b / B.MANIFEST).read_bytes()
     rng = np.random.default_rng(0)
-    caught = 0
+    missed = []
     for pos in rng.integers(0, len(raw), 40):
         bad = bytearray(raw)
         bad[pos] ^= 1 << int(rng.integers(0, 8))
         (b / B.MANIFEST).write_bytes(bytes(bad))
-        with pytest.raises(BundleError, match="manifest"):
+        try:
             load_bundle(b)
-        caught += 1
+            missed.append(int(pos))
+        except BundleError as e:
+            assert "manifest" in str(e), e
     record("manifest: 40 random single-bit flips", "all detected (JSON, schema or self-checksum)",
-           f"{caught}/40 detected")
+           f"{40 - len(missed)}/40 detected")
+    assert not missed, f"bit flips at bytes {missed} loaded without an error"
 
 
 def _short(line):
@@ -111,7 +114,6 @@ def test_transient_nan_rolls_back_lowers_lr_and_goes_on(mlp_bundle, mlp_data, tm
            f"stop={rep['stop_reason']} steps={rep['steps']} rollbacks={len(dv)} lr_scale={rep['lr_scale']}")
     assert rep["stop_reason"] == "steps" and rep["steps"] == 30
     assert len(dv) == 1 and dv[0]["step"] == 12 and rep["lr_scale"] == 0.5
-    assert rep["steps"] == 30
     assert all(np.isfinite(v).all() for v in load_update(tmp_path / "run").values())
 
 
