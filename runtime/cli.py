@@ -148,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     # for it; the defaults named in the help are AdaptOptions' (runtime/adapt.py)
     ad = sub.add_parser("adapt", help="board: sparse adaptation under memory and energy budgets",
                         argument_default=argparse.SUPPRESS, formatter_class=argparse.RawDescriptionHelpFormatter,
-                        description="Train the bundle's sparse update on the board: its step graph on plain onnxruntime,\n"
-                                    "AdamW on the trainable state. Stops at --steps/--epochs, --max-seconds or the energy\n"
-                                    "budget, whichever comes first, and always leaves a checkpoint.",
+                        description="Train the bundle's sparse update on the board: its step graph on plain\n"
+                                    "onnxruntime, AdamW on the trainable state. Stops at --steps/--epochs,\n"
+                                    "--max-seconds or the energy budget, whichever comes first, and always\n"
+                                    "leaves a checkpoint.",
                         epilog=ADAPT_EXAMPLES)
     ad.add_argument("bundle")
     ad.add_argument("--data", help=".npz (inputs + labels), .jsonl text, or an image folder "

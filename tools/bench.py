@@ -836,8 +836,11 @@ def cmd_bench(a) -> int:
         if bad:
             from taskedge.runtime.fsutil import UserError
             raise UserError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    if a.rounds is not None and a.rounds < 1:
+        from taskedge.runtime.fsutil import UserError
+        raise UserError(f"--rounds {a.rounds}: give 1 (the training run only) or more")
     r = run_bench(a.model, a.quick, a.steps, a.seed, a.out, variants, a.workdir, a.keep, not a.no_profile,
-                  log=(lambda m: None) if a.quiet else _log)
+                  log=(lambda m: None) if a.quiet else _log, cfg_override={"rounds": a.rounds} if a.rounds else None)
     if a.json:
         print(json.dumps(r, indent=2))
     else:
@@ -849,6 +852,9 @@ def _add_args(p) -> None:
     p.add_argument("--model", choices=sorted(MODELS), default="text", help="text (MiniLM, default) or vision")
     p.add_argument("--quick", action="store_true", help=f"{QUICK['steps']} steps, {QUICK['n_test']} test examples")
     p.add_argument("--steps", type=int, help="override the step count")
+    p.add_argument("--rounds", type=int, help=f"timing rounds: the training run + N-1 timing-only runs of "
+                                              f"{FULL['timing_steps']} steps (default {FULL['rounds']}; "
+                                              f"--quick {QUICK['rounds']})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", help="comma-separated subset of: " + ", ".join(VARIANTS).replace("%", "%%"))
     p.add_argument("--out", default="bench", help="folder for bench.md / bench.png / bench.json")
