@@ -1,8 +1,7 @@
 """Export configuration: one dataclass that round-trips to JSON (stored in the manifest)."""
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 
@@ -26,10 +25,3 @@ class ExportConfig:
                                                 # before lowering): the reference the step graph is checked on
     lr: float = 1e-3                            # stored as the default for the board
     seed: int = 0
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ExportConfig":
-        return cls(**json.loads(text))

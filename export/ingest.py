@@ -41,7 +41,7 @@ def load_onnx(path) -> onnx.ModelProto:
     if not model.graph.node:
         raise UserError(f"{p}: not an ONNX model (no graph nodes); give an .onnx file or package.module:factory")
     if model.ir_version > 10:
-        model.ir_version = 10   # ORT 1.19 reads IR <= 10 (DESIGN.md); the ops are unchanged
+        model.ir_version = 10   # ORT-training 1.19 reads IR <= 10; the ops are unchanged
     return model
 
 

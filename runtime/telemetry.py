@@ -78,10 +78,6 @@ class PowerMeter:
         """Joules since start(), as of the last tick()."""
         return self._e
 
-    def describe(self) -> dict:
-        return {"source": self.source, "measured": self.measured, "energy_j": self.energy_j,
-                "fallback_reason": self.fallback_reason}
-
 
 # --- Jetson: INA3221 in sysfs -------------------------------------------------
 

@@ -2,7 +2,7 @@
 peers (full fine-tuning, LoRA, the floor) and the reference the standard-ONNX step graph is
 checked against. The board never uses it (runtime/trainer.py runs plain onnxruntime).
 
-`onnxruntime.training.api` imports torch (DESIGN.md), so this adapter uses the
+`onnxruntime.training.api` imports torch when torch is installed, so this adapter uses the
 pybind layer directly, exactly as ORT's own thin wrappers (Module, Optimizer,
 CheckpointState) do.
 """
@@ -67,12 +67,6 @@ class Checkpoint:
                                "create the Trainer first")
         self.state.copy_parameter_from(name, OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))._ortvalue)
 
-    def property(self, name: str, default=None):
-        return self.state.get_property(name) if self.state.has_property(name) else default
-
-    def set_property(self, name: str, value) -> None:
-        self.state.add_property(name, value)
-
     def save(self, path, include_optimizer_state: bool = True) -> None:
         """Atomic: written to a temp name, fsynced, renamed."""
         with atomic_path(path) as tmp:
@@ -123,9 +117,6 @@ class Trainer:
 
     def input_names(self, training: bool = True) -> List[str]:
         return list(self.module.input_names(training))
-
-    def output_names(self, training: bool = True) -> List[str]:
-        return list(self.module.output_names(training))
 
     def trainable_size(self) -> int:
         return int(self.module.get_parameters_size(True))
