@@ -31,7 +31,7 @@ from taskedge.runtime.bundle import LayerAllocation
 from .backward_conv import rewrite_conv_layer
 from .graph import Emitter, GraphEdit
 from .layers import node_attr
-from .rewrite import FORWARD_TIE
+from .updates.scatter import FORWARD_TIE
 
 
 def _alpha(layer: LayerAllocation, fwd: onnx.NodeProto) -> Optional[float]:
@@ -45,7 +45,7 @@ def _alpha(layer: LayerAllocation, fwd: onnx.NodeProto) -> Optional[float]:
 
 def _rewrite_layer(G: GraphEdit, layer: LayerAllocation, idx_rows: np.ndarray) -> bool:
     w = layer.weight
-    wp = f"{w}.taskedge_w_scattered"                           # names from rewrite._scatter_path
+    wp = f"{w}.taskedge_w_scattered"                           # names from updates.scatter
     scatter = G.producer.get(wp)
     if scatter is None or scatter.op_type != "ScatterElements":
         return False

@@ -109,7 +109,7 @@ def _sparse_weight_grad(G: GraphEdit, c: _Conv) -> bool:
 
 
 def _delta_of(G: GraphEdit, c: _Conv) -> Optional[str]:
-    """The [rows, k] update tensor: the second input of `W[idx] + delta` (rewrite._scatter_path)."""
+    """The [rows, k] update tensor: the second input of `W[idx] + delta` (updates.scatter)."""
     add = G.producer.get(f"{c.w}.taskedge_w_updated")
     return add.input[1] if add is not None and add.op_type == "Add" else None
 

@@ -36,10 +36,10 @@ from onnx import helper, numpy_helper
 
 from taskedge.runtime import bundle as B
 
-from .exporter import generate_ort_artifacts
+from .exporter import generate_ort_artifacts, prepare_for_training
 from .graph import Emitter, GraphEdit
 from .layers import count_weights, find_weight_ops, node_attr
-from .rewrite import HEAD_BIAS, HEAD_WEIGHT, add_head, prepare_for_training
+from .head import HEAD_BIAS, HEAD_WEIGHT, add_head
 
 SCALED = ".lr_scaled"
 

@@ -30,7 +30,8 @@ from .config import ExportConfig
 from .ingest import ingest
 from .layers import count_weights, filter_ops, find_weight_ops, initializer_arrays
 from .backward import sparsify_backward
-from .rewrite import FORMULATIONS, add_head, insert_updates, prepare_for_training
+from .head import add_head
+from .updates import FORMULATIONS, insert_updates
 from .stepgraph import eval_graph, grad_names, step_graph, store_weights
 
 
@@ -201,6 +202,18 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
 def _num_classes(model: onnx.ModelProto) -> int:
     dims = model.graph.output[0].type.tensor_type.shape.dim
     return int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") else 0
+
+
+def prepare_for_training(model: onnx.ModelProto) -> None:
+    """Make the graph differentiable by ORT's gradient builder.
+
+    LayerNormalization's gradient reads the saved Mean and InvStdDev, which torch.onnx
+    leaves out (they are optional outputs); name them so the backward pass can use them.
+    """
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "LayerNormalization" and len(node.output) == 1:
+            base = node.name or f"layernorm_{i}"
+            node.output.extend([f"{base}.taskedge_mean", f"{base}.taskedge_inv_std"])
 
 
 def generate_ort_artifacts(model: onnx.ModelProto, trainable: List[str], folder) -> None:

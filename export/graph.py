@@ -1,7 +1,7 @@
 """The one way the exporter edits an ONNX graph: splice new nodes in before or after existing
 ones (`GraphEdit.insert_before/insert_after`), replace nodes, then `commit()`: drop what became
 dead, re-establish a valid topological order, prune unused initializers. `Emitter` builds the
-new nodes of one edit under a name prefix. Used by the update paths (rewrite.py), the baselines
+new nodes of one edit under a name prefix. Used by the update paths (updates/), the head (head.py), the baselines
 (baselines.py), the sparse backward (backward*.py), the step graph and the lowering (lower*.py)."""
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ def test_lora_rewrite_is_exact_at_init(tmp_path):
     import torch
     import onnxruntime as ort
     from taskedge.export import baselines as BL
-    from taskedge.export.rewrite import add_head
+    from taskedge.export.head import add_head
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6))

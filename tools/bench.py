@@ -538,7 +538,7 @@ def prepare(model: str, cfg: dict, work: Path, seed: int, variants: list, log) -
         elif engine == "infer":
             folder.mkdir(parents=True, exist_ok=True)
             mm = onnx.load(str(work / "base.onnx"))
-            from taskedge.export.rewrite import add_head
+            from taskedge.export.head import add_head
             add_head(mm, m["classes"], seed)
             onnx.save(mm, str(folder / "model.onnx"))
             entry.update(model=str(folder / "model.onnx"))

@@ -48,7 +48,7 @@ def reference_losses(folder: Path, train: dict, names: list, steps: int, batch: 
 
     ck, trainer = open_artifacts(folder)
     if nudge:
-        from taskedge.export.rewrite import HEAD_WEIGHT
+        from taskedge.export.head import HEAD_WEIGHT
         ck.set(HEAD_WEIGHT, (ck.get(HEAD_WEIGHT) * np.float32(1 + nudge)).astype(np.float32))
     losses = []
     n = len(train["labels"])

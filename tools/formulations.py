@@ -1,4 +1,4 @@
-"""Measure the update formulations side by side (the numbers behind rewrite.DEFAULT_FORMULATION).
+"""Measure the update formulations side by side (the numbers behind updates.DEFAULT_FORMULATION).
 
     python -m taskedge.tools.formulations [--model mlp|minilm|cnn] [--batch 64] [--steps 20]
 
