@@ -50,3 +50,12 @@ def activation_norms(model: onnx.ModelProto, ops: List[WeightOp],
     if n == 0:
         raise ValueError(f"{source}: no calibration batches")
     return {k: np.sqrt(v).astype(np.float32) for k, v in sumsq.items()}
+
+
+def output_shapes(model: onnx.ModelProto, batch: Mapping[str, np.ndarray]) -> Dict[str, tuple]:
+    """The float outputs' shapes on a real batch (symbolic shapes need not resolve)."""
+    specs = graph_input_specs(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    values = sess.run(names, cast_to_specs(specs, {s.name: batch[s.name] for s in specs}))
+    return {n: tuple(v.shape) for n, v in zip(names, values) if np.asarray(v).dtype.kind == "f"}

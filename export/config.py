@@ -18,6 +18,8 @@ class ExportConfig:
     include: List[str] = field(default_factory=list)
     exclude: List[str] = field(default_factory=list)
     num_classes: Optional[int] = None           # new dense head with this many classes
+    output: Optional[str] = None                # the model output the head reads (default: the one [batch, F])
+    pool: Optional[str] = None                  # mean | cls | max: pool a [batch, seq, F] / [batch, C, H, W] output
     head_only: bool = False                     # train only the new head (linear-probe baseline)
     formulation: dict = field(default_factory=dict)   # per op type: gather | scatter
     sparse_backward: bool = True                # export/backward.py; False keeps ORT's dense weight gradient

@@ -25,12 +25,13 @@ from taskedge.runtime.optim import AdamW
 from taskedge.runtime.specs import check_arrays, graph_input_specs
 
 from . import importance as imp
-from .calibrate import activation_norms
+from .calibrate import activation_norms, output_shapes
 from .config import ExportConfig
 from .ingest import ingest
 from .layers import count_weights, filter_ops, find_weight_ops, initializer_arrays
 from .backward import sparsify_backward
-from .head import add_head
+from .graph import unshare_initializers
+from .head import POOLS, add_head, select_output
 from .updates import FORMULATIONS, insert_updates
 from .stepgraph import eval_graph, grad_names, step_graph, store_weights
 
@@ -83,6 +84,8 @@ def validate(cfg: ExportConfig) -> Optional[tuple]:
         raise UserError("--head-only needs --num-classes (the new head is what gets trained)")
     if cfg.num_classes is not None and cfg.num_classes < 2:
         raise UserError(f"bad --num-classes {cfg.num_classes}: need at least 2")
+    if cfg.pool is not None and cfg.pool not in POOLS:
+        raise UserError(f"bad --pool {cfg.pool!r}: use one of {', '.join(POOLS)}")
     for op, form in cfg.formulation.items():
         if op not in ("MatMul", "Gemm", "Conv") or form not in FORMULATIONS:
             raise UserError(f"bad --formulation {op}={form}: use MatMul|Gemm|Conv = {'|'.join(FORMULATIONS)}")
@@ -96,6 +99,9 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
     src = ingest(cfg.model)
     model = src.model
     log(f"loaded {src.name}: {len(model.graph.node)} nodes, {len(model.graph.initializer)} initializers")
+    copies = unshare_initializers(model)
+    if copies:
+        log(f"{len(copies)} consumers of shared initializers got their own copy (each weight op adapts on its own)")
 
     all_ops = find_weight_ops(model)
     if not all_ops:
@@ -111,7 +117,9 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         raise UserError("no calibration data: give --calib DATA.npz with arrays named after the model inputs "
                         f"{[s.name for s in specs]}")
 
-    head = add_head(model, cfg.num_classes, cfg.seed) if cfg.num_classes else None
+    shapes = output_shapes(model, next(calibration_batches(calib, [s.name for s in specs], cfg.batch_size, 1)))
+    _, features = select_output(model, shapes, cfg.output, cfg.pool)
+    head = add_head(model, cfg.num_classes, cfg.seed, features) if cfg.num_classes else None
     head_params = set(head["params"]) if head else set()
     num_weights = count_weights(model, exclude=head_params)
     ops = [op for op in filter_ops(find_weight_ops(model), cfg.include, cfg.exclude) if op.weight not in head_params]
@@ -123,12 +131,15 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
     budget = imp.budget_entries(cfg.budget, num_weights)
     k = imp.per_row_k(budget, [op.rows for op in ops])
     rows_total = sum(op.rows for op in ops)
-    if ops and not cfg.lora_rank and rows_total > budget:
-        raise UserError(f"budget {cfg.budget} of {num_weights} weights = {budget} entries is below one per output "
-                        f"neuron ({rows_total} neurons in {len(ops)} layers); raise --budget to at least "
-                        f"{rows_total / num_weights:.6f} or --exclude some layers")
+    # below one entry per neuron: the same share of neurons in every layer trains its best input
+    share = budget / rows_total if ops and not cfg.lora_rank and rows_total > budget else None
+    if share is not None and budget < len(ops):
+        raise UserError(f"budget {cfg.budget} of {num_weights} weights = {budget} entries is below one per layer "
+                        f"({len(ops)} layers); raise --budget to at least {len(ops) / num_weights:.2g} "
+                        "or --exclude some layers")
 
     indices: Dict[str, np.ndarray] = {}
+    trained_rows: Dict[str, np.ndarray] = {}
     if ops:
         names = [s.name for s in specs]
         t = time.perf_counter()
@@ -140,10 +151,16 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         for op in ops:
             scores = imp.importance(op.rows_view(weights[op.weight]), op.row_norms(norms[op.activation]))
             indices[op.weight] = imp.select_topk(scores, k, nm)
-        log(f"allocated k={k} inputs per output neuron over {len(ops)} layers ({rows_total} neurons)")
+            if share is not None:
+                trained_rows[op.weight] = imp.top_rows(scores, round(share * op.rows))
+        if share is None:
+            log(f"allocated k={k} inputs per output neuron over {len(ops)} layers ({rows_total} neurons)")
+        else:
+            log(f"budget below one input per neuron: {100 * share:.1f} % of the neurons in each of {len(ops)} layers "
+                f"({sum(map(len, trained_rows.values()))} of {rows_total}, chosen by importance) train one input each")
 
     base = copy.deepcopy(model)
-    table = insert_updates(model, ops, indices, cfg.formulation, cfg.lora_rank, cfg.seed)
+    table = insert_updates(model, ops, indices, cfg.formulation, cfg.lora_rank, cfg.seed, trained_rows)
     prepare_for_training(model)
     trainable = [p for row in table for p in row.params] + (list(head["params"]) if head else [])
     if not trainable:
@@ -155,6 +172,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         num_classes=int(cfg.num_classes or _num_classes(base)), num_weights=num_weights,
         method={"name": "taskedge", "budget": cfg.budget, "k": int(k) if ops else 0,
                 "nm": list(nm) if nm else None, "lora_rank": cfg.lora_rank, "head_only": cfg.head_only,
+                "neuron_share": share,
                 "include": cfg.include, "exclude": cfg.exclude, "lr": cfg.lr, "seed": cfg.seed,
                 "calibration": {"source": str(cfg.calib) if cfg.calib else "example",
                                 "batches": cfg.calib_batches, "batch_size": cfg.batch_size}},

@@ -39,6 +39,7 @@ class GraphEdit:
         self.after: Dict[int, List[onnx.NodeProto]] = {}
         self.removed: set = set()
         self._consts: Dict[tuple, str] = {}
+        self._new_consts: List[onnx.NodeProto] = []
         self._names = {t.name for t in self.g.initializer} | {i.name for i in self.g.input} | set(self.producer)
 
     def const(self, name: str, array: np.ndarray) -> str:
@@ -46,15 +47,20 @@ class GraphEdit:
         return name
 
     def shared_const(self, array, dtype=np.int64) -> str:
-        """A small constant, created once per value and dtype."""
+        """A small constant (axes, shapes, scalars), created once per value and dtype as a Constant
+        node: it stays in the graph file, where shape inference reads it (initializers move to
+        weights.bin)."""
         a = np.asarray(array, dtype=dtype)
         key = (a.dtype.str, a.shape, a.tobytes())
         if key not in self._consts:
             i = len(self._consts)
             while f"taskedge_const_{i}" in self._names:      # an earlier edit of this graph made it
                 i += 1
-            self._names.add(f"taskedge_const_{i}")
-            self._consts[key] = self.const(f"taskedge_const_{i}", a)
+            name = f"taskedge_const_{i}"
+            self._names.add(name)
+            self._new_consts.append(helper.make_node("Constant", [], [name], name=name,
+                                                     value=numpy_helper.from_array(a, name)))
+            self._consts[key] = name
         return self._consts[key]
 
     def insert_before(self, node: onnx.NodeProto, nodes: List[onnx.NodeProto]) -> None:
@@ -72,7 +78,7 @@ class GraphEdit:
 
     def commit(self) -> None:
         """Splice the new nodes in, drop dead ones, keep a valid topological order."""
-        nodes = []
+        nodes, self._new_consts = list(self._new_consts), []
         for n in self.g.node:
             nodes += self.before.get(id(n), [])
             if id(n) not in self.removed:
@@ -137,6 +143,13 @@ class Emitter:
             return self.node("ReduceSum", [x, self.c([axis])], suffix, keepdims=0)
         return self.node("ReduceSum", [x], suffix, axes=[axis], keepdims=0)
 
+    def reduce(self, op: str, x: str, axes: List[int], keepdims: int = 0) -> str:
+        """ReduceSum/ReduceMean/ReduceMax over `axes`: axes as an input from opset 13 (ReduceSum) or
+        18 (the others), as an attribute before."""
+        if self.edit.opset >= (13 if op == "ReduceSum" else 18):
+            return self(op, [x, self.c(axes)], keepdims=keepdims)
+        return self(op, [x], axes=axes, keepdims=keepdims)
+
     def unsqueeze(self, x: str, axis: int, suffix: str) -> str:
         if self.edit.opset >= 13:
             return self.node("Unsqueeze", [x, self.c([axis])], suffix)
@@ -150,3 +163,39 @@ class Emitter:
         no_dims = self.node("Slice", [dims_after, self.c([0]), self.c([0])], f"{label}_no_dims")
         same = self.node("Concat", [self.node("Shape", [tensor], f"{label}_dims"), no_dims], f"{label}_same_dims", axis=0)
         return self.node("Reshape", [tensor, same], f"{label}_tied")
+
+
+def unshare_initializers(model: onnx.ModelProto) -> List[str]:
+    """Give every consumer of a shared initializer its own copy, so each weight op gets its own
+    update path and ORT's gradient builder never derives one gradient name twice (identical
+    tensors merged by torch.onnx, e.g. the LayerNorms of a fresh nn.TransformerEncoder, or tied
+    layers). Embedding lookups (Gather) keep reading the original: tied embeddings stay tied and
+    are not copied for them. An `Identity` of an initializer (how torch.onnx stores a tensor
+    identical to another) becomes an initializer of its own. Returns the names of the copies made."""
+    inits = {t.name: t for t in model.graph.initializer}
+    made = []
+    for node in [n for n in model.graph.node if n.op_type == "Identity" and n.input[0] in inits]:
+        t = onnx.TensorProto()
+        t.CopyFrom(inits[node.input[0]])
+        t.name = node.output[0]
+        model.graph.initializer.append(t)
+        inits[t.name] = t
+        model.graph.node.remove(node)
+        made.append(t.name)
+    uses: Dict[str, list] = {}
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            if name in inits:
+                uses.setdefault(name, []).append((node, slot))
+    for name, consumers in uses.items():
+        others = [(n, s) for n, s in consumers if not (n.op_type == "Gather" and s == 0)]
+        keep_first = len(others) == len(consumers)      # no Gather: the first consumer keeps the original
+        for i, (node, slot) in enumerate(others[1:] if keep_first else others, start=1):
+            copy_name = f"{name}.taskedge_copy{i}"
+            t = onnx.TensorProto()
+            t.CopyFrom(inits[name])
+            t.name = copy_name
+            model.graph.initializer.append(t)
+            node.input[slot] = copy_name
+            made.append(copy_name)
+    return made

@@ -39,6 +39,13 @@ def per_row_k(budget_entries: int, rows: Sequence[int]) -> int:
     return max(1, budget_entries // max(1, sum(rows)))
 
 
+def top_rows(scores: np.ndarray, n: int) -> np.ndarray:
+    """The n rows (output neurons) whose best entry scores highest, sorted ascending: where a
+    budget below one entry per neuron goes (each of them trains its best input)."""
+    best = scores.max(axis=1)
+    return np.sort(np.argsort(-best, kind="stable")[:max(1, min(n, len(best)))]).astype(np.int64)
+
+
 def layer_k(k: int, cols: int, nm: Optional[Tuple[int, int]] = None) -> int:
     """Cap k by what a row can hold (all its inputs, or N per group of M)."""
     cap = cols

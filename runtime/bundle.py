@@ -104,6 +104,7 @@ class LayerAllocation:
     trainable: int                  # trainable parameters of this layer's update
     params: List[str]               # trainable tensors: [delta] or [lora_A, lora_B]
     backward: str = "dense"         # sparse: weight gradient only at the used columns (export/backward.py)
+    trained_rows: Optional[List[int]] = None   # budgets below one per neuron: only these rows train (k = 1)
 
     def rows_view(self, w):
         return rows_view(w, self.op, self.row_axis)

@@ -47,6 +47,10 @@ def dense_delta(layer: B.LayerAllocation, params: Dict[str, np.ndarray], idx: np
     if len(layer.params) == 2:                      # sparse LoRA: (B @ A) at the mask
         a, b = params[layer.params[0]], params[layer.params[1]]
         return np.take_along_axis(b @ a, idx, axis=1)
+    if layer.trained_rows is not None:              # only some rows train; the others add zero
+        full = np.zeros(idx.shape, np.float32)
+        full[layer.trained_rows] = params[layer.params[0]]
+        return full
     return params[layer.params[0]]
 
 

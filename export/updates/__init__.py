@@ -18,7 +18,7 @@ from taskedge.runtime.bundle import LayerAllocation
 from ..graph import Emitter, GraphEdit
 from ..layers import WeightOp
 from .gather import gather, gather_elements, gather_rows
-from .lora import update_tensor
+from .delta import update_tensor
 from .scatter import FORWARD_TIE, scatter
 
 # Chosen by measurement (`python -m taskedge.tools.formulations`, README "Update formulations"),
@@ -33,8 +33,10 @@ FORMULATIONS = (*GATHERS, "scatter")
 
 def insert_updates(model: onnx.ModelProto, ops: List[WeightOp], indices: Dict[str, np.ndarray],
                    formulation: Optional[Dict[str, str]] = None, lora_rank: Optional[int] = None,
-                   seed: int = 0) -> List[LayerAllocation]:
-    """Insert update paths in place; return the allocation table for the manifest."""
+                   seed: int = 0, trained_rows: Optional[Dict[str, np.ndarray]] = None) -> List[LayerAllocation]:
+    """Insert update paths in place; return the allocation table for the manifest.
+    `trained_rows[weight]`: the only rows that train (budgets below one entry per neuron)."""
+    trained_rows = trained_rows or {}
     formulation = {**DEFAULT_FORMULATION, **(formulation or {})}
     rng = np.random.default_rng(seed)
     edit = GraphEdit(model)
@@ -45,7 +47,8 @@ def insert_updates(model: onnx.ModelProto, ops: List[WeightOp], indices: Dict[st
         if form.startswith("gather") and (op.op == "Conv" or op.trans_a):
             form = "scatter"                                  # gather needs x laid out as [..., cols]
         b = Emitter(edit, f"{op.weight}.taskedge_")
-        delta, params, count = update_tensor(b, op.rows, idx_rows, op.cols, lora_rank, rng)
+        rows_only = trained_rows.get(op.weight)
+        delta, params, count = update_tensor(b, op.rows, idx_rows, op.cols, lora_rank, rng, rows_only)
         if form in GATHERS:
             y = op.node.output[0]
             base = b.name("base_out")
@@ -58,7 +61,8 @@ def insert_updates(model: onnx.ModelProto, ops: List[WeightOp], indices: Dict[st
             edit.insert_before(op.node, b.nodes)      # W' must exist before the op reads it
         table.append(LayerAllocation(layer=op.name, op=op.op, weight=op.weight, weight_shape=list(op.shape),
                                      rows=op.rows, cols=op.cols, k=int(idx_rows.shape[1]), formulation=form,
-                                     row_axis=op.row_axis, trainable=count, params=params))
+                                     row_axis=op.row_axis, trainable=count, params=params,
+                                     trained_rows=None if rows_only is None else [int(r) for r in rows_only]))
     edit.commit()
     return table
 
