@@ -1,8 +1,9 @@
-"""pack / unpack: a real bundle round trip, and archives that must be refused."""
+"""pack / unpack / install.sh: a real bundle round trip, bad input, and archives that must be refused."""
 import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -13,7 +14,8 @@ from conftest import run_cli
 from taskedge.runtime.bundle import load_bundle
 from taskedge.runtime.fsutil import UserError
 from taskedge.runtime.profiles import load_profile
-from taskedge.tools.pack import embedded_unpacker, unpack
+from taskedge.tools import unpack as extractor
+from taskedge.tools.pack import installer_files, unpack
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +32,8 @@ def test_pack_contents_and_roundtrip(packed, mlp_bundle, tmp_path):
     with tarfile.open(out) as tar:
         names = tar.getnames()
         assert names[0] == "SHA256SUMS"
-        assert {"install.sh", "profile.toml", "bundle/manifest.json", "bundle/step_model.onnx",
-                "bundle/weights.bin", "wheels/" + res["wheel"]} <= set(names)
+        assert {"install.sh", "installer/unpack.py", "installer/fsutil.py", "profile.toml", "bundle/manifest.json",
+                "bundle/step_model.onnx", "bundle/weights.bin", "wheels/" + res["wheel"]} <= set(names)
         assert tar.getmember("install.sh").mode & 0o111
         assert all(not n.startswith(("/", "..")) and not tar.getmember(n).issym() for n in names)
         sums = tar.extractfile("SHA256SUMS").read().decode().splitlines()
@@ -43,6 +45,9 @@ def test_pack_contents_and_roundtrip(packed, mlp_bundle, tmp_path):
     m = load_bundle(dest / "bundle")  # hashes verified again
     assert m.model_name == load_bundle(mlp_bundle).model_name
     assert load_profile(dest / "profile.toml").name == "jetson-orin-nano-8gb"
+    # the installer members are the package's real files, byte for byte
+    for name, src in installer_files().items():
+        assert (dest / name).read_bytes() == src.read_bytes(), name
     # sha256sum -c compatible
     r = subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=dest, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -57,9 +62,13 @@ def test_pack_contents_and_roundtrip(packed, mlp_bundle, tmp_path):
     assert any('extra == "board"' in ln for ln in ort_reqs) and all("extra ==" in ln for ln in ort_reqs), ort_reqs
     assert subprocess.run(["bash", "-n", str(dest / "install.sh")]).returncode == 0
 
-    # unpacking again replaces the folder atomically; CLI form works too
+    # unpacking again replaces the folder as a whole (a stray file goes); the CLI form works too
+    (dest / "stray.txt").write_text("from before")
     r = run_cli("unpack", out, dest, "--json")
-    assert r.returncode == 0, r.stderr and json.loads(r.stdout)["verified"]
+    assert r.returncode == 0, r.stderr
+    again = json.loads(r.stdout)
+    assert again["files"] == len(names) - 1 and again["dest"] == str(dest), again
+    assert not (dest / "stray.txt").exists() and (dest / "bundle" / "manifest.json").is_file()
 
 
 def run_install(tar, prefix, *opts):
@@ -105,7 +114,6 @@ def test_install_sh_without_onnxruntime(packed, tmp_path):
 
 
 def test_pack_refuses_corrupted_bundle(mlp_bundle, tmp_path):
-    import shutil
     b = tmp_path / "b"
     shutil.copytree(mlp_bundle, b)
     with open(b / "eval_model.onnx", "ab") as f:
@@ -115,6 +123,31 @@ def test_pack_refuses_corrupted_bundle(mlp_bundle, tmp_path):
     assert not (tmp_path / "x.tar").exists()
     r = run_cli("pack", mlp_bundle, "--profile", "no-such-board", "-o", tmp_path / "x.tar")
     assert r.returncode == 2 and "unknown device profile" in r.stderr
+
+
+def one_line_error(r, *words):
+    lines = r.stderr.strip().splitlines()
+    return r.returncode == 2 and len(lines) == 1 and all(w in lines[0] for w in words)
+
+
+def test_bad_input_is_one_line_and_writes_nothing(packed, mlp_bundle, tmp_path):
+    out, _ = packed
+    (tmp_path / "folder").mkdir()
+    r = run_cli("pack", mlp_bundle, "--profile", "host-cpu", "-o", tmp_path / "folder")
+    assert one_line_error(r, "is a folder", "-o"), r.stderr
+    r = run_cli("pack", mlp_bundle, "--profile", "host-cpu", "-o", tmp_path / "x.tar", "--wheel", out)
+    assert one_line_error(r, "not a .whl file", "drop --wheel"), r.stderr
+    (tmp_path / "file").write_text("mine")
+    r = run_cli("unpack", out, tmp_path / "file")
+    assert one_line_error(r, "is not a folder"), r.stderr
+    assert (tmp_path / "file").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"] and not any((tmp_path / "folder").iterdir())
+    # install.sh with an archive that lacks the installer members
+    junk = make_tar(tmp_path / "junk.tar", [f("a.txt")])
+    r = subprocess.run(["bash", str(installer_files()["install.sh"]), "--tar", str(junk), "--prefix",
+                        str(tmp_path / "board"), "--python", sys.executable], capture_output=True, text=True)
+    assert r.returncode == 2 and "has no installer/unpack.py" in r.stderr, r.stderr
+    assert not (tmp_path / "board" / "release").exists()
 
 
 # --- hostile archives ---------------------------------------------------------------------
@@ -170,8 +203,23 @@ HOSTILE = {
 }
 
 
+@pytest.fixture(scope="module")
+def board_unpacker(tmp_path_factory):
+    """installer/unpack.py with its fsutil.py next to it, as install.sh lays them out on the board."""
+    d = tmp_path_factory.mktemp("installer")
+    for name, src in installer_files().items():
+        if name.startswith("installer/"):
+            shutil.copy(src, d / name.split("/")[1])
+    return d / "unpack.py"
+
+
+@pytest.mark.parametrize("data_filter", [True, False], ids=["data-filter", "no-data-filter"])
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
-def test_hostile_archives_are_refused(kind, tmp_path):
+def test_hostile_archives_are_refused(kind, data_filter, board_unpacker, tmp_path, monkeypatch):
+    if not data_filter:  # as on a Python without PEP 706 (before 3.10.12 / 3.11.4): our checks alone
+        monkeypatch.setattr(extractor, "DATA_FILTER", None)
+    elif extractor.DATA_FILTER is None:
+        pytest.skip("this Python has no tarfile.data_filter")
     base = tmp_path / "box"
     (base / "outside").mkdir(parents=True)
     (base / "outside" / "file").write_text("secret")
@@ -179,18 +227,37 @@ def test_hostile_archives_are_refused(kind, tmp_path):
     dest = base / "target" / "release"
     with pytest.raises(UserError, match="refusing to unpack"):
         unpack(tar, dest)
-    assert not dest.exists()
-    assert not any(p.name.endswith(".partial") for p in dest.parent.iterdir()) if dest.parent.exists() else True
-    assert sorted(p.name for p in base.iterdir()) in (["outside"], ["outside", "target"])
+    # no release and no staging folder left: the target's parent (made for the staging folder) is empty
+    assert list((base / "target").iterdir()) == []
+    assert sorted(p.name for p in base.iterdir()) == ["outside", "target"]
     assert not os.path.exists("/tmp/taskedge-evil-abs")
     assert (base / "outside" / "file").read_text() == "secret"
     assert not (base / "evil.txt").exists() and not (base / "target" / "evil.txt").exists()
 
-    # the copy embedded in install.sh refuses it too (standalone, python -)
-    r = subprocess.run([sys.executable, "-", str(tar), str(tmp_path / "emb")], input=embedded_unpacker(),
+    # the board's copy refuses it too: standalone, without site-packages (no taskedge, only its fsutil.py)
+    r = subprocess.run([sys.executable, "-E", "-S", str(board_unpacker), str(tar), str(tmp_path / "emb")],
                        capture_output=True, text=True)
-    assert r.returncode != 0 and "refusing" in r.stderr, r.stdout + r.stderr
+    assert r.returncode == 2 and "unpack: refusing" in r.stderr, r.stdout + r.stderr
     assert not (tmp_path / "emb").exists()
+
+
+def test_board_side_python_parses_as_python38():
+    # installer/unpack.py and installer/fsutil.py run on the board's own Python (JetPack 6: 3.10; >= 3.8)
+    import ast
+    for name, src in installer_files().items():
+        if name.endswith(".py"):
+            ast.parse(src.read_text(encoding="utf-8"), filename=name, feature_version=(3, 8))
+
+
+@pytest.mark.skipif(not hasattr(tarfile, "FilterError"), reason="this Python has no PEP 706 filters")
+def test_data_filter_is_consulted(tmp_path, monkeypatch):
+    def refuse(member, dest):
+        raise tarfile.FilterError(f"stub refuses {member.name}")
+    monkeypatch.setattr(extractor, "DATA_FILTER", refuse)
+    tar = make_tar(tmp_path / "ok.tar", [f("a.txt")])
+    with pytest.raises(UserError, match="refused by tarfile's data filter: stub refuses"):
+        unpack(tar, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_inside_links_are_allowed(tmp_path):
@@ -207,7 +274,7 @@ def test_inside_links_are_allowed(tmp_path):
         for m, d in members:
             t.addfile(m, io.BytesIO(d) if d is not None else None)
     dest = tmp_path / "out"
-    unpack(tar, dest)
+    assert unpack(tar, dest)["files"] == 2
     assert (dest / "dir" / "alias").is_symlink() and (dest / "dir" / "alias").read_text() == "hello"
     assert (dest / "copy.txt").read_text() == "hello" and not (dest / "copy.txt").is_symlink()
 
