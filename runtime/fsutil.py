@@ -4,7 +4,7 @@ Every file TaskEdge writes goes through here, so a power cut leaves either the
 old file or the new one, never half of one.
 
 `taskedge pack` also ships this file as installer/fsutil.py, imported by the board's installer
-before the runtime is installed: keep it standard library only and Python 3.8 syntax.
+before the runtime is installed: keep it standard library only and Python 3.9 syntax.
 """
 from __future__ import annotations
 

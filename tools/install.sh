@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # TaskEdge board installer (tools/install.sh, shipped in the archive by `taskedge pack`).
-# Needs bash, tar and Python >= 3.8 with venv.
+# Needs bash, tar and Python >= 3.9 with venv.
 #
 #   bash install.sh --tar bundle.tar [--prefix ~/taskedge] [--python python3]
 #                   [--no-deps] [--system-site-packages] [--ort-wheel PATH]
@@ -46,8 +46,8 @@ case "$PREFIX" in "~") PREFIX="$HOME" ;; "~/"*) PREFIX="$HOME/${PREFIX#\~/}" ;; 
 [ -f "$TAR" ] || { echo "install.sh: archive not found: $TAR"; exit 2; }
 command -v tar >/dev/null 2>&1 || { echo "install.sh: tar not found; install it (apt-get install tar)"; exit 2; }
 command -v "$PY" >/dev/null 2>&1 || { echo "install.sh: python not found: $PY (pass --python /path/to/python3)"; exit 2; }
-"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 8) else 1)' \
-  || { echo "install.sh: $PY is older than Python 3.8; pass --python with a newer one"; exit 2; }
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' \
+  || { echo "install.sh: $PY is older than Python 3.9 (the runtime needs 3.9+); pass --python with a newer one"; exit 2; }
 mkdir -p "$PREFIX/runs"
 PREFIX="$(cd "$PREFIX" && pwd -P)"
 

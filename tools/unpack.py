@@ -2,7 +2,7 @@
 
     python3 unpack.py bundle.tar DEST        exit 0: unpacked and verified, 2: refused
 
-It runs in two places, so it imports nothing but the standard library and fsutil (Python 3.8):
+It runs in two places, so it imports nothing but the standard library and fsutil (Python 3.9+):
   - on the board, from install.sh, before the runtime is installed: `taskedge pack` ships this file
     and runtime/fsutil.py as installer/unpack.py and installer/fsutil.py; install.sh copies both
     out of the tar into a temp folder and runs this one there (`import fsutil` finds its neighbour);
