@@ -1,29 +1,40 @@
-"""Export configuration: one dataclass that round-trips to JSON (stored in the manifest)."""
+"""Export configuration: one dataclass whose fields are also `taskedge export`'s flags
+(runtime/flags.py builds the parser from them)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from taskedge.runtime.flags import flag
+
+
+def _op_forms(items: List[str]) -> Dict[str, str]:
+    return dict(item.partition("=")[::2] for item in items)
 
 
 @dataclass
 class ExportConfig:
-    model: str                                  # .onnx path or package.module:factory
-    out: str                                    # bundle folder
-    calib: Optional[str] = None                 # .npz with arrays named after the model inputs
-    calib_batches: int = 8
-    batch_size: int = 32
-    budget: float = 0.001                       # share of all weights that may be trained
-    nm: Optional[str] = None                    # "2:4"
-    lora_rank: Optional[int] = None
-    include: List[str] = field(default_factory=list)
-    exclude: List[str] = field(default_factory=list)
-    num_classes: Optional[int] = None           # new dense head with this many classes
-    output: Optional[str] = None                # the model output the head reads (default: the one [batch, F])
-    pool: Optional[str] = None                  # mean | cls | max: pool a [batch, seq, F] / [batch, C, H, W] output
-    head_only: bool = False                     # train only the new head (linear-probe baseline)
-    formulation: dict = field(default_factory=dict)   # per op type: gather | scatter
-    sparse_backward: bool = True                # export/backward.py; False keeps ORT's dense weight gradient
+    model: str = flag(help="an .onnx file, or package.module:factory returning (module, example[, meta])",
+                      positional=True)
+    out: str = flag(help="bundle folder to write (replaced atomically)")
+    calib: Optional[str] = flag(None, ".npz with arrays named after the model inputs (target-task data)")
+    calib_batches: int = flag(8, "calibration batches")
+    batch_size: int = flag(32, "calibration batch size")
+    budget: float = flag(0.001, "share of the model's weights to train (0.001 = 0.1 %; below one input per "
+                                "neuron, that share of every layer's neurons trains one input each)")
+    nm: Optional[str] = flag(None, "N:M structure for the update, e.g. 2:4")
+    lora_rank: Optional[int] = flag(None, "sparse LoRA: update = (B@A) masked, rank R")
+    include: List[str] = flag(help="glob on layer/weight names to select (repeatable)", default_factory=list)
+    exclude: List[str] = flag(help="glob on layer/weight names to skip (repeatable)", default_factory=list)
+    num_classes: Optional[int] = flag(None, "replace/add a dense classification head with C classes")
+    output: Optional[str] = flag(None, "the model output the head reads (default: its one float [batch, F] output)")
+    pool: Optional[str] = flag(None, "pool a [batch, seq, F] or [batch, C, H, W] output to [batch, F] "
+                                     "(mean and max honour an attention_mask input)", choices=["mean", "cls", "max"])
+    head_only: bool = flag(False, "train only the new head (linear-probe baseline)")
+    formulation: Dict[str, str] = flag(help="update formulation per op type, e.g. MatMul=gather, Conv=scatter",
+                                       metavar="OP=FORM", default_factory=dict, parse=_op_forms)
+    dense_backward: bool = flag(False, "keep ORT's dense weight gradient for scatter layers (slower; for comparison)")
     ort_reference: Optional[str] = None         # also write ORT's own training artifacts here (same graph,
                                                 # before lowering): the reference the step graph is checked on
-    lr: float = 1e-3                            # stored as the default for the board
-    seed: int = 0
+    lr: float = flag(1e-3, "default learning rate stored in the bundle")
+    seed: int = flag(0, "seed of the new head and LoRA factors")

@@ -184,7 +184,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         log(f"deriving the backward graph with ORT's gradient builder ({len(trainable)} trainable tensors)")
         t = time.perf_counter()
         training, evaluation = _artifacts(model, trainable, cfg.ort_reference)
-        if cfg.sparse_backward and indices:
+        if not cfg.dense_backward and indices:
             n = sparsify_backward(training, table, indices)
             log(f"sparse backward: {n} of {len(table)} layers compute their gradient at the used columns only")
         if cfg.ort_reference:       # ORT-training's own path on the very graph that gets lowered

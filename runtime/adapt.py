@@ -19,7 +19,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -28,6 +27,7 @@ import numpy as np
 from . import bundle as B
 from .checkpoints import CheckpointStore
 from .data import Dataset, load_dataset, split
+from .options import AdaptOptions, options  # noqa: F401  (re-exported: the API adapt(bundle, options(...)))
 from .fsutil import UserError, atomic_path
 from .trainer import Trainer, TrainState
 from .profiles import load_profile
@@ -51,62 +51,6 @@ def _fault_at(name: str, step: int) -> bool:
         return False
     _FAULTS_FIRED.add(name)
     return True
-
-
-@dataclass
-class AdaptOptions:
-    data: str
-    profile: str = "host-cpu"
-    eval_data: Optional[str] = None
-    power_mode: Optional[str] = None
-    memory_budget_mb: Optional[float] = None
-    energy_budget_j: Optional[float] = None
-    max_seconds: Optional[float] = None
-    steps: Optional[int] = None
-    epochs: Optional[float] = None
-    batch_size: int = 32               # effective batch (micro-batch x accumulation)
-    micro_batch: Optional[int] = None  # force the micro-batch (skips planning)
-    lr: Optional[float] = None
-    schedule: str = "cosine"           # cosine | linear | constant
-    warmup: int = 10
-    eval_every: int = 0
-    checkpoint_every: int = 50
-    keep: int = 2
-    resume: bool = False
-    fresh: bool = False
-    run_dir: Optional[str] = None
-    control_file: Optional[str] = None  # JSON {"memory_budget_mb": X}, re-read every step
-    skip_bad: bool = False
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = 0
-    quiet: bool = False
-    from_run: Optional[dict] = None     # settings --resume took from the interrupted run (see `options`)
-
-
-# What a run records in its checkpoints (`Session.run_flags`); `--resume` takes these for every flag not given.
-RECORDED = ("data", "eval_data", "batch_size", "seed", "profile", "power_mode", "steps", "epochs", "lr",
-            "schedule", "warmup", "skip_bad")
-
-
-def options(bundle_dir, given: dict) -> AdaptOptions:
-    """AdaptOptions from the flags the user gave (absent or None: not given). With --resume, each
-    recorded setting of the interrupted run (its newest good checkpoint) fills a flag not given;
-    the rest take AdaptOptions' defaults. A given flag that contradicts the run is judged later
-    (`Session._check_resume_flags`)."""
-    given = {k: v for k, v in given.items() if v is not None and k in AdaptOptions.__dataclass_fields__}
-    run_dir = given.get("run_dir") or Path(bundle_dir) / "run"
-    taken: Dict[str, object] = {}
-    if given.get("resume"):
-        found = CheckpointStore(run_dir).latest(warn=lambda m: None)
-        saved = (found[1].get("flags") or {}) if found else {}
-        taken = {k: saved[k] for k in RECORDED
-                 if k not in given and saved.get(k) is not None and saved.get(k) is not False}
-    if "data" not in given and "data" not in taken:
-        raise UserError(f"--resume found no checkpoint recording --data in {run_dir}; give --data (the training set)"
-                        if given.get("resume") else "--data is required: the training set (.npz, .jsonl or an "
-                        "image folder); only --resume takes it from the interrupted run's checkpoint")
-    return AdaptOptions(**{**given, **taken}, from_run=taken or None)
 
 
 def _flag(key: str) -> str:

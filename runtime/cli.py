@@ -10,7 +10,15 @@ import json
 import sys
 from typing import List, Optional
 
+from .options import AdaptOptions
+from .flags import add_flags, from_flags, given
 from .fsutil import UserError
+
+
+def _export_config():
+    """ExportConfig (host only: its module imports nothing heavy, so --help works on a board too)."""
+    from taskedge.export.config import ExportConfig
+    return ExportConfig
 
 
 def _print_json(obj) -> None:
@@ -22,16 +30,7 @@ def cmd_export(a) -> int:
     from taskedge.export.exporter import export_bundle
     from .inspect import format_inspect, inspect_bundle
 
-    forms = {}
-    for item in a.formulation or []:
-        op, _, form = item.partition("=")
-        forms[op] = form
-    cfg = ExportConfig(model=a.model, out=a.out, calib=a.calib, calib_batches=a.calib_batches,
-                       batch_size=a.batch_size, budget=a.budget, nm=a.nm, lora_rank=a.lora_rank,
-                       include=a.include or [], exclude=a.exclude or [], num_classes=a.num_classes,
-                       head_only=a.head_only, formulation=forms, sparse_backward=not a.dense_backward,
-                       lr=a.lr, seed=a.seed)
-    export_bundle(cfg)
+    export_bundle(from_flags(ExportConfig, a))
     info = inspect_bundle(a.out, verify=False)
     _print_json(info) if a.json else print(format_inspect(info))
     return 0
@@ -46,7 +45,7 @@ def cmd_inspect(a) -> int:
 
 def cmd_adapt(a) -> int:
     from .adapt import adapt, options
-    report = adapt(a.bundle, options(a.bundle, vars(a)))      # a flag not given is absent from `a`
+    report = adapt(a.bundle, options(a.bundle, given(AdaptOptions, a)))      # a flag not given is absent from `a`
     if getattr(a, "json", False):
         _print_json(report)
     else:
@@ -117,25 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "trainable inputs, rewrite the ONNX graph, derive the backward graph with ORT's "
                                    "gradient builder and lower it to a standard-ONNX step graph the board runs on "
                                    "plain onnxruntime.")
-    e.add_argument("model", help="an .onnx file, or package.module:factory returning (module, example[, meta])")
-    e.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
-    e.add_argument("--calib", help=".npz with arrays named after the model inputs (target-task data)")
-    e.add_argument("--calib-batches", type=int, default=8, help="calibration batches (default 8)")
-    e.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
-    e.add_argument("--budget", type=float, default=0.001,
-                   help="share of the model's weights to train (default 0.001 = 0.1 %%)")
-    e.add_argument("--nm", help="N:M structure for the update, e.g. 2:4")
-    e.add_argument("--lora-rank", type=int, help="sparse LoRA: update = (B@A) masked, rank R")
-    e.add_argument("--include", action="append", help="glob on layer/weight names to select (repeatable)")
-    e.add_argument("--exclude", action="append", help="glob on layer/weight names to skip (repeatable)")
-    e.add_argument("--num-classes", type=int, help="replace/add a dense classification head with C classes")
-    e.add_argument("--head-only", action="store_true", help="train only the new head (linear-probe baseline)")
-    e.add_argument("--formulation", action="append", metavar="OP=FORM",
-                   help="update formulation per op type, e.g. MatMul=gather, Conv=scatter")
-    e.add_argument("--dense-backward", action="store_true",
-                   help="keep ORT's dense weight gradient for scatter layers (slower; for comparison)")
-    e.add_argument("--lr", type=float, default=1e-3, help="default learning rate stored in the bundle")
-    e.add_argument("--seed", type=int, default=0)
+    add_flags(e, _export_config())
     e.add_argument("--json", action="store_true", help="print the bundle summary as JSON")
     e.set_defaults(fn=cmd_export)
 
@@ -145,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_inspect)
 
     # argument_default=SUPPRESS: a flag not given is absent, so --resume can take the run's recorded value
-    # for it; the defaults named in the help are AdaptOptions' (runtime/adapt.py)
+    # for it; flags and defaults are AdaptOptions' fields (runtime/options.py)
     ad = sub.add_parser("adapt", help="board: sparse adaptation under memory and energy budgets",
                         argument_default=argparse.SUPPRESS, formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Train the bundle's sparse update on the board: its step graph on plain\n"
@@ -154,37 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "leaves a checkpoint.",
                         epilog=ADAPT_EXAMPLES)
     ad.add_argument("bundle")
-    ad.add_argument("--data", help=".npz (inputs + labels), .jsonl text, or an image folder "
-                                   "(required, except with --resume: the run's)")
-    ad.add_argument("--eval-data", help="held-out data for accuracy (default: 10%% of --data)")
-    ad.add_argument("--profile", help="device profile name or .toml (see `taskedge profiles`; default host-cpu)")
-    ad.add_argument("--power-mode", help="nvpmodel mode of the profile (default: its default)")
-    ad.add_argument("--memory-budget-mb", type=float, help="peak RSS budget (default: the profile's share)")
-    ad.add_argument("--energy-budget-j", type=float, help="stop cleanly at this much energy (joules, cumulative)")
-    ad.add_argument("--max-seconds", type=float, help="stop after this many seconds")
-    ad.add_argument("--steps", type=int, help="optimizer steps to run in total")
-    ad.add_argument("--epochs", type=float, help="epochs over --data (if --steps is not given)")
-    ad.add_argument("--batch-size", type=int, help="effective batch size (default 32)")
-    ad.add_argument("--micro-batch", type=int, help="force the micro-batch instead of planning it")
-    ad.add_argument("--lr", type=float, help="peak learning rate (default: the bundle's)")
-    ad.add_argument("--schedule", choices=["cosine", "linear", "constant"], help="lr schedule (default cosine)")
-    ad.add_argument("--warmup", type=int, help="warm-up steps (default 10)")
-    ad.add_argument("--eval-every", type=int, help="evaluate every N steps (default: start and end)")
-    ad.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 50)")
-    ad.add_argument("--keep", type=int, help="checkpoints to keep (default 2)")
-    ad.add_argument("--run-dir", help="checkpoints and update.npz go here (default BUNDLE/run)")
-    ad.add_argument("--resume", action="store_true",
-                    help="continue from the newest good checkpoint, with the run's recorded data, eval data, batch "
-                         "size, seed, profile and schedule for every flag not given (other data is refused)")
-    ad.add_argument("--fresh", action="store_true", help="discard existing checkpoints and start over")
-    ad.add_argument("--skip-bad", action="store_true",
-                    help="skip (and count) bad records instead of stopping at the first one")
-    ad.add_argument("--control-file", help="JSON file re-read every step, e.g. {\"memory_budget_mb\": 900} "
-                                          "(default RUN_DIR/control.json)")
-    ad.add_argument("--seed", type=int, help="data order seed (default 0)")
-    ad.add_argument("--threads", type=int, help="ORT intra-op threads (default: ORT's choice)")
-    ad.add_argument("--device", help="cpu, or cuda[:N] with NVIDIA's onnxruntime-gpu (JetPack) installed (default cpu)")
-    ad.add_argument("--quiet", action="store_true", help="no progress output")
+    add_flags(ad, AdaptOptions)
     ad.add_argument("--json", action="store_true", help="print the final report as JSON")
     ad.set_defaults(fn=cmd_adapt)
 

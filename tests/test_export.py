@@ -254,7 +254,7 @@ def test_sparse_backward_is_exact(tmp_path, lora_rank, budget):
     for sparse in (True, False):
         out = tmp_path / f"b{sparse}"
         m = export_bundle(ExportConfig(model=str(tmp_path / "m.onnx"), out=str(out), calib=str(tmp_path / "c.npz"),
-                                       budget=budget, num_classes=3, lora_rank=lora_rank, sparse_backward=sparse,
+                                       budget=budget, num_classes=3, lora_rank=lora_rank, dense_backward=not sparse,
                                        formulation={"MatMul": "scatter", "Gemm": "scatter"}), log=lambda s: None)
         assert {l.backward for l in m.layers} == {"sparse" if sparse else "dense"}
         assert max(l.k for l in m.layers) == (1 if budget < 0.2 else 2)

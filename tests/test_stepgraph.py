@@ -34,7 +34,7 @@ def _reference_outputs(ref, feeds, params):
     return out[0], {p: full[f"{p}_grad.accumulation.buffer"] for p in params}   # accumulated in place
 
 
-@pytest.mark.parametrize("model,extra", [("cnn", {}), ("cnn", {"sparse_backward": False}),
+@pytest.mark.parametrize("model,extra", [("cnn", {}), ("cnn", {"dense_backward": True}),
                                          ("mlp", {"lora_rank": 2}), ("mlp", {"formulation": {"Gemm": "gather"}})])
 def test_step_graph_matches_ort_training_graph(tmp_path, cnn_onnx, mlp_onnx, model, extra):
     """The lowered standard-ONNX step graph gives ORT-training's loss and gradients (conv, depthwise,
@@ -90,7 +90,7 @@ def test_sparse_conv_backward_equals_dense(tmp_path, cnn_onnx, model):
     for sparse in (True, False):
         out = tmp_path / f"b{sparse}"
         m = export_bundle(ExportConfig(model=str(cnn_onnx), out=str(out), calib=str(tmp_path / "c.npz"), budget=0.3,
-                                       nm="2:4", num_classes=4, sparse_backward=sparse), log=lambda s: None)
+                                       nm="2:4", num_classes=4, dense_backward=not sparse), log=lambda s: None)
         assert {l.backward for l in m.layers if l.op == "Conv"} == {"sparse" if sparse else "dense"}
         tr = open_trainer(out)
         init = np.random.default_rng(2)

@@ -59,7 +59,7 @@ def measure(model: str, batch: int, steps: int) -> list:
         for label, form, sparse in FORMS:
             out = tmp / label
             export_bundle(ExportConfig(model=src, out=str(out), calib=str(tmp / "d.npz"), budget=budget,
-                                       num_classes=2 if model == "minilm" else 10, sparse_backward=sparse,
+                                       num_classes=2 if model == "minilm" else 10, dense_backward=not sparse,
                                        formulation={op: form for op in ops}), log=lambda m: None)
             man = B.load_bundle(out)
             trainers[label] = Trainer(out, man, TrainState.initial(out, man))

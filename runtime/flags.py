@@ -1,0 +1,83 @@
+"""Flags defined once: a dataclass field made with `flag(...)` IS its command-line flag.
+
+`add_flags(parser, Options)` adds `--field-name` for every such field (type from the annotation:
+bool -> store_true, List[X] -> repeatable, Optional[X] -> X), with the field's help and, where
+there is one, "(default ...)" appended from the field's own default; `from_flags(Options, ns)`
+builds the dataclass from the parsed namespace. A field without flag metadata is not a flag.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, Callable, Dict, Optional
+
+_MISSING = dataclasses.MISSING
+
+
+def flag(default: Any = _MISSING, help: str = "", *, choices=None, metavar: Optional[str] = None,
+         positional: bool = False, default_factory: Any = _MISSING, show_default: bool = True,
+         parse: Optional[Callable] = None) -> Any:
+    """A dataclass field that is also a flag. `parse` converts the raw argparse value (after the
+    type conversion) into the field's value, e.g. ["MatMul=gather"] -> {"MatMul": "gather"}."""
+    meta = {"help": help, "choices": choices, "metavar": metavar, "positional": positional,
+            "show_default": show_default, "parse": parse}
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _unwrap(tp) -> tuple:
+    """(scalar type, is_list) of an annotation such as Optional[List[str]] or int."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        tp = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, typing.List):
+        return (args[0] if args else str), True
+    if origin in (dict, typing.Dict) or tp is dict:
+        return str, True                                  # given as repeated KEY=VALUE, turned by `parse`
+    return tp, False
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta or f.name in skip:
+            continue
+        tp, repeat = _unwrap(hints[f.name])
+        text = meta["help"].replace("%", "%%")
+        if meta["show_default"] and f.default not in (_MISSING, None, False) and not repeat:
+            text += f" (default {f.default})".replace("%", "%%")
+        kw: Dict[str, Any] = {"help": text}
+        if meta["choices"]:
+            kw["choices"] = meta["choices"]
+        if meta["metavar"]:
+            kw["metavar"] = meta["metavar"]
+        if meta["positional"]:
+            parser.add_argument(f.name, type=tp, **kw)
+            continue
+        if tp is bool:
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = tp
+            if repeat:
+                kw["action"] = "append"
+        if f.default is _MISSING and f.default_factory is _MISSING:
+            kw["required"] = True
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+
+
+def given(cls, ns: argparse.Namespace) -> Dict[str, Any]:
+    """The flags of `cls` present in the namespace (not None), each through its field's `parse`."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if "help" in f.metadata and getattr(ns, f.name, None) is not None:
+            value = getattr(ns, f.name)
+            out[f.name] = f.metadata["parse"](value) if f.metadata["parse"] else value
+    return out
+
+
+def from_flags(cls, ns: argparse.Namespace, **extra):
+    return cls(**{**given(cls, ns), **extra})
