@@ -6,7 +6,7 @@ from typing import Dict, Iterable, List, Mapping
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+from taskedge.runtime.ort import onnxruntime as ort
 
 from taskedge.runtime.specs import cast_to_specs, check_arrays, graph_input_specs
 

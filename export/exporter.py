@@ -41,7 +41,7 @@ def _log(msg: str) -> None:
 
 
 def versions() -> Dict[str, str]:
-    import onnxruntime
+    from taskedge.runtime.ort import onnxruntime
     from importlib import metadata
     try:
         te = metadata.version("taskedge")

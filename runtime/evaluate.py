@@ -13,7 +13,7 @@ from .fsutil import UserError
 
 def predict_onnx(model_path, inputs: dict, batch: int = 64) -> np.ndarray:
     """Logits of a plain inference model with onnxruntime (no training build needed)."""
-    import onnxruntime as ort
+    from .ort import onnxruntime as ort
     try:
         sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     except Exception as e:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import onnxruntime as ort
+from .ort import onnxruntime as ort
 
 from . import bundle as B
 from .fsutil import UserError

@@ -197,7 +197,7 @@ class _StepEngine:
 
 
 def worker_train(name: str, spec: dict, v: dict) -> dict:
-    import taskedge.runtime  # noqa: F401  (imports onnxruntime with the torch probe blocked)
+    import taskedge.runtime.ort  # noqa: F401  (imports onnxruntime with the torch probe blocked)
     from taskedge.runtime import bundle as B
     from taskedge.runtime.telemetry import MemorySampler
 
@@ -276,8 +276,7 @@ def _result(name, v, spec, times, losses, peak, rss_import, n_trainable, update_
 
 
 def worker_infer(name: str, spec: dict, v: dict) -> dict:
-    import taskedge.runtime  # noqa: F401
-    import onnxruntime as ort
+    from taskedge.runtime.ort import onnxruntime as ort
     from taskedge.runtime.telemetry import MemorySampler
 
     sampler = MemorySampler(interval_ms=5).start()

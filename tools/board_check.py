@@ -42,7 +42,7 @@ def reference_losses(folder: Path, train: dict, names: list, steps: int, batch: 
     """ORT-training (tools/ort_training.py) on its own artifacts, with adapt's schedule and data order.
     `nudge`: scale the head's weights by (1 + nudge) first (1e-7 is about one float32 ulp): how far
     the reference itself moves from a rounding-sized change tells how chaotic the run is."""
-    import taskedge.runtime  # noqa: F401  (onnxruntime without the torch probe, before tools.ort_training)
+    import taskedge.runtime.ort  # noqa: F401  (onnxruntime without the torch probe, before tools.ort_training)
     from taskedge.runtime.adapt import batch_indices, lr_at
     from taskedge.tools.ort_training import open_artifacts
 

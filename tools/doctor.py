@@ -138,8 +138,7 @@ def check_providers(ort, profile) -> Check:
 
 def check_onnxruntime(profile) -> List[Check]:
     try:
-        import taskedge.runtime  # noqa: F401  (imports onnxruntime with the torch probe blocked)
-        import onnxruntime as ort
+        from taskedge.runtime.ort import onnxruntime as ort
     except Exception as e:  # ImportError, or a broken native library (OSError)
         return [Check("onnxruntime", FAIL, f"not importable: {type(e).__name__}: {e}", ORT_FIX),
                 Check("providers", FAIL, "onnxruntime missing", ORT_FIX)]

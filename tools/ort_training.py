@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
+import taskedge.runtime.ort  # noqa: F401,I001  (onnxruntime first, without its torch probe)
 from onnxruntime.capi import _pybind_state as C
 from onnxruntime.capi.onnxruntime_inference_collection import OrtValue, get_ort_device_type
 

@@ -92,7 +92,7 @@ def random_data(manifest, n: int = 64, seed: int = 0) -> dict:
 def missing_host_modules() -> list:
     """The modules `taskedge export` needs that this Python lacks (found without importing them)."""
     import importlib.util
-    import taskedge.runtime  # noqa: F401  (imports onnxruntime without its torch probe)
+    import taskedge.runtime.ort  # noqa: F401  (imports onnxruntime without its torch probe)
     missing = []
     for name in HOST_MODULES:
         try:
