@@ -1,7 +1,9 @@
 """`taskedge`: one command, one subcommand per step of the data flow.
 
-Host (needs the [host] extra): export, demo, bench.  Board: inspect, adapt, eval, merge,
-profiles, profile show.  Bad input prints one line and exits with status 2.
+Host (needs the [host] extra): export, demo, bench, pack, flash.  Board: inspect, adapt, eval,
+merge, profiles, profile show, doctor, probe, unpack.  Every command registers here; host tools
+import their heavy dependencies only when they run.  Bad input prints one line and exits with
+status 2.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def _print_json(obj) -> None:
 def cmd_export(a) -> int:
     from taskedge.export.config import ExportConfig
     from taskedge.export.exporter import export_bundle
-    from .inspect import format_inspect, inspect_bundle
+    from .summary import format_inspect, inspect_bundle
 
     export_bundle(from_flags(ExportConfig, a))
     info = inspect_bundle(a.out, verify=False)
@@ -37,7 +39,7 @@ def cmd_export(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    from .inspect import format_inspect, inspect_bundle
+    from .summary import format_inspect, inspect_bundle
     info = inspect_bundle(a.bundle)
     _print_json(info) if a.json else print(format_inspect(info))
     return 0
@@ -166,23 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(fn=cmd_profile_show)
 
-    for name, register in _extra_commands():
-        try:
-            register(sub)
-        except Exception as e:  # a broken host tool must not take the board commands down with it
-            print(f"taskedge: warning: {name} unavailable ({type(e).__name__}: {e})", file=sys.stderr)
+    from . import doctor, probe
+    from taskedge.tools import bench, demo, pack       # host tools: heavy imports only inside their commands
+    for module in (demo, bench, pack, doctor, probe):
+        module.register(sub)
     return p
-
-
-def _extra_commands():
-    """Commands that live outside the runtime (host tools); each registers itself if importable."""
-    import importlib
-    for mod in ("taskedge.tools.demo", "taskedge.tools.bench", "taskedge.tools.pack", "taskedge.tools.doctor",
-                "taskedge.tools.probe"):
-        try:
-            yield mod, importlib.import_module(mod).register
-        except (ImportError, AttributeError):
-            continue
 
 
 def main(argv: Optional[List[str]] = None) -> int:

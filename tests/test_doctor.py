@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import run_cli
-from taskedge.tools import doctor
+from taskedge.runtime import doctor
 from test_probe import agx_orin_tree, orin_nano_tree, write
 
 

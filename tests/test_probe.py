@@ -6,7 +6,7 @@ import pytest
 
 from conftest import run_cli
 from taskedge.runtime.profiles import list_profiles, load_profile
-from taskedge.tools.probe import (closest_profile, parse_cpu_list, parse_nvpmodel_conf, probe, read_model,
+from taskedge.runtime.probe import (closest_profile, parse_cpu_list, parse_nvpmodel_conf, probe, read_model,
                                   write_profile)
 
 # Excerpt of /etc/nvpmodel/nvpmodel_p3767_0003.conf (Orin Nano 8GB, JetPack 6.2 "super" modes).
