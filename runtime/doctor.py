@@ -2,7 +2,7 @@
 
 Checks, each ok / warn / fail with the fix in one line:
 
-    python        version >= 3.8
+    python        version >= 3.9
     runtime       taskedge.runtime imports, and without torch or onnxruntime.training
     onnxruntime   importable, version >= 1.17 (any inference build: CPU wheel or NVIDIA's
                   onnxruntime-gpu), and only one onnxruntime distribution installed
@@ -58,8 +58,8 @@ def _under(root: str, path: str) -> str:
 def check_python() -> Check:
     v = sys.version_info
     detail = f"{platform.python_version()} ({sys.executable})"
-    if v < (3, 8):
-        return Check("python", FAIL, detail, "use Python 3.8 or newer (JetPack 6 ships 3.10)")
+    if v < (3, 9):
+        return Check("python", FAIL, detail, "use Python 3.9 or newer (JetPack 6 ships 3.10)")
     return Check("python", OK, detail)
 
 
