@@ -163,7 +163,7 @@ def test_memory_budget_below_batch_one_refuses_before_training(tmp_path, conv_bu
     r = run_cli("adapt", conv_bundle / "bundle", "--data", conv_bundle / "data.npz", "--run-dir", tmp_path / "r",
                 "--memory-budget-mb", "50", "--steps", "3")
     assert r.returncode == 2 and "even micro-batch 1" in r.stderr
-    assert not list((tmp_path / "r").glob("ckpt-*")) if (tmp_path / "r").exists() else True
+    assert not list((tmp_path / "r").glob("ckpt-*")) and not (tmp_path / "r" / "update.npz").exists()   # nothing written
 
 
 def test_bad_data_is_named(tmp_path, mlp_bundle):
