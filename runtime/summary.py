@@ -35,6 +35,10 @@ def format_inspect(info: dict) -> str:
                      f"{l['trainable']:9d}")
     lines.append(f"update: {info['update_params']} trainable of {info['num_weights']} weights "
                  f"({100 * info['update_share_of_weights']:.4f} %) in {len(info['layers'])} layers")
+    share = (info.get("method") or {}).get("neuron_share")
+    if share:
+        lines.append(f"budget below one input per neuron: {100 * share:.1f} % of the neurons of every layer "
+                     "(chosen by importance) train one input each")
     lines.append(f"head (new, dense, counted apart): {info['head_params']}")
     lines.append(f"total trainable: {info['trainable_params']}")
     return "\n".join(lines)
