@@ -30,7 +30,7 @@ from .config import ExportConfig
 from .ingest import ingest
 from .layers import count_weights, filter_ops, find_weight_ops, initializer_arrays
 from .backward import sparsify_backward
-from .graph import unshare_initializers
+from .graph import MIN_OPSET, ensure_opset, opset_of, unshare_initializers
 from .head import POOLS, add_head, select_output
 from .updates import FORMULATIONS, insert_updates
 from .stepgraph import eval_graph, grad_names, step_graph, store_weights
@@ -99,6 +99,14 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
     src = ingest(cfg.model)
     model = src.model
     log(f"loaded {src.name}: {len(model.graph.node)} nodes, {len(model.graph.initializer)} initializers")
+    if opset_of(model) < MIN_OPSET:
+        log(f"upgrading opset {opset_of(model)} -> {MIN_OPSET} (onnx version converter)")
+        try:
+            model = ensure_opset(model)
+        except Exception as e:  # the converter raises RuntimeError/ValueError on ops it cannot adapt
+            raise UserError(f"{cfg.model}: opset {opset_of(model)} could not be upgraded to {MIN_OPSET} "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); export the model at opset "
+                            f">= {MIN_OPSET}") from None
     copies = unshare_initializers(model)
     if copies:
         log(f"{len(copies)} consumers of shared initializers got their own copy (each weight op adapts on its own)")
@@ -134,9 +142,9 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
     # below one entry per neuron: the same share of neurons in every layer trains its best input
     share = budget / rows_total if ops and not cfg.lora_rank and rows_total > budget else None
     if share is not None and budget < len(ops):
-        raise UserError(f"budget {cfg.budget} of {num_weights} weights = {budget} entries is below one per layer "
-                        f"({len(ops)} layers); raise --budget to at least {len(ops) / num_weights:.2g} "
-                        "or --exclude some layers")
+        log(f"warning: budget {cfg.budget} of {num_weights} weights = {budget} entries, fewer than the {len(ops)} "
+            f"layers: each layer still trains its best input of one neuron ({len(ops)} entries, "
+            f"{100 * len(ops) / num_weights:.3g} %); --budget or --exclude to choose otherwise")
 
     indices: Dict[str, np.ndarray] = {}
     trained_rows: Dict[str, np.ndarray] = {}

@@ -199,3 +199,18 @@ def unshare_initializers(model: onnx.ModelProto) -> List[str]:
             node.input[slot] = copy_name
             made.append(copy_name)
     return made
+
+
+MIN_OPSET = 17      # what the update paths and lowerings emit needs (CastLike 15, ScatterElements reduction 16)
+
+
+def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_OPSET) -> onnx.ModelProto:
+    """The model at opset >= `minimum`, upgraded by onnx's version converter (opsets 13-16 differ
+    from 17 only by added types and new optional attributes whose defaults keep the old behaviour)."""
+    if opset_of(model) >= minimum:
+        return model
+    from onnx import version_converter
+    ir = model.ir_version
+    upgraded = version_converter.convert_version(model, minimum)
+    upgraded.ir_version = max(ir, 8)            # opset 17 needs IR >= 8
+    return upgraded

@@ -125,7 +125,7 @@ def add_head(model: onnx.ModelProto, num_classes: int, seed: int = 0, features: 
     dense head with `num_classes` outputs, or append one to a [batch, features] output.
     The graph's single output becomes `logits` [batch, num_classes]."""
     if num_classes < 2:
-        raise ValueError(f"bad --num-classes {num_classes}: need at least 2 classes")
+        raise UserError(f"bad --num-classes {num_classes}: need at least 2 classes")
     g = model.graph
     out = g.output[0].name
     producers = {o: n for n in g.node for o in n.output}
@@ -145,8 +145,8 @@ def add_head(model: onnx.ModelProto, num_classes: int, seed: int = 0, features: 
     elif features is None:
         info = _static_last_dim(model, out)
         if info is None or info[0] != 2:
-            raise ValueError(f"model output {out!r} is not a [batch, features] tensor with a known feature size; "
-                             "export a module that returns pooled features (or logits) to use --num-classes")
+            raise UserError(f"model output {out!r} is not a [batch, features] tensor with a known feature size; "
+                            "pick one with --output (and --pool for [batch, seq, F]) to use --num-classes")
         features = info[1]
     rng = np.random.default_rng(seed)
     bound = np.sqrt(6.0 / (features + num_classes))
