@@ -22,6 +22,10 @@ class ExportConfig:
     batch_size: int = flag(32, "calibration batch size")
     budget: float = flag(0.001, "share of the model's weights to train (0.001 = 0.1 %; below one input per "
                                 "neuron, that share of every layer's neurons trains one input each)")
+    selection: str = flag("taskedge", "how each neuron's inputs are ranked: taskedge |W|*||X||, magnitude |W|, "
+                                      "activation ||X||, random, or gradient (GPS: sum |dL/dW| on the calibration "
+                                      "data, which needs its labels)",
+                          choices=["taskedge", "magnitude", "activation", "random", "gradient"])
     nm: Optional[str] = flag(None, "N:M structure for the update, e.g. 2:4")
     lora_rank: Optional[int] = flag(None, "sparse LoRA: update = (B@A) masked, rank R")
     include: List[str] = flag(help="glob on layer/weight names to select (repeatable)", default_factory=list)

@@ -26,6 +26,7 @@ from taskedge.runtime.specs import check_arrays, graph_input_specs
 
 from . import importance as imp
 from .calibrate import activation_norms, output_shapes
+from .gradients import gradient_magnitudes
 from .config import ExportConfig
 from .ingest import ingest
 from .layers import count_weights, filter_ops, find_weight_ops, initializer_arrays
@@ -156,8 +157,18 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         log(f"calibrated {len(ops)} layers on {min(cfg.calib_batches, -(-len(calib[names[0]]) // cfg.batch_size))} "
             f"batches in {time.perf_counter() - t:.1f}s")
         weights = initializer_arrays(model, [op.weight for op in ops])
+        grads = {}
+        if cfg.selection == "gradient":
+            t = time.perf_counter()
+            labelled = names + ([B.LABELS_INPUT] if B.LABELS_INPUT in calib else [])
+            grads = gradient_magnitudes(model, ops, sorted(head_params), calibration_batches(
+                calib, labelled, cfg.batch_size, cfg.calib_batches))
+            log(f"gradient magnitudes of {len(ops)} layers on the calibration data in {time.perf_counter() - t:.1f}s")
+        rng = np.random.default_rng(cfg.seed)
         for op in ops:
-            scores = imp.importance(op.rows_view(weights[op.weight]), op.row_norms(norms[op.activation]))
+            scores = imp.selection_scores(cfg.selection, op.rows_view(weights[op.weight]),
+                                          op.row_norms(norms[op.activation]), rng,
+                                          op.rows_view(grads[op.weight]) if grads else None)
             indices[op.weight] = imp.select_topk(scores, k, nm)
             if share is not None:
                 trained_rows[op.weight] = imp.top_rows(scores, round(share * op.rows))
@@ -179,7 +190,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         model_name=src.name, inputs=specs, logits=model.graph.output[0].name,
         num_classes=int(cfg.num_classes or _num_classes(base)), num_weights=num_weights,
         method={"name": "taskedge", "budget": cfg.budget, "k": int(k) if ops else 0,
-                "nm": list(nm) if nm else None, "lora_rank": cfg.lora_rank, "head_only": cfg.head_only,
+                "nm": list(nm) if nm else None, "selection": cfg.selection, "lora_rank": cfg.lora_rank, "head_only": cfg.head_only,
                 "neuron_share": share,
                 "include": cfg.include, "exclude": cfg.exclude, "lr": cfg.lr, "seed": cfg.seed,
                 "calibration": {"source": str(cfg.calib) if cfg.calib else "example",

@@ -18,6 +18,26 @@ def importance(weight_rows: np.ndarray, input_norms: np.ndarray) -> np.ndarray:
     return np.abs(weight_rows).astype(np.float32) * input_norms.astype(np.float32)
 
 
+SELECTIONS = ("taskedge", "magnitude", "activation", "random", "gradient")
+
+
+def selection_scores(selection: str, weight_rows: np.ndarray, input_norms: np.ndarray,
+                     rng: np.random.Generator, grad_rows: Optional[np.ndarray] = None) -> np.ndarray:
+    """The score each rule ranks a neuron's inputs by (the ablations of `--selection`):
+    taskedge |W|*||X||; magnitude |W|; activation ||X||; random; gradient sum |dL/dW| (GPS)."""
+    if selection == "taskedge":
+        return importance(weight_rows, input_norms)
+    if selection == "magnitude":
+        return np.abs(weight_rows).astype(np.float32)
+    if selection == "activation":
+        return np.broadcast_to(input_norms.astype(np.float32), weight_rows.shape)
+    if selection == "random":
+        return rng.random(weight_rows.shape, dtype=np.float32)
+    if selection == "gradient":
+        return np.asarray(grad_rows, np.float32)
+    raise ValueError(f"bad --selection {selection!r}: use one of {', '.join(SELECTIONS)}")
+
+
 def parse_nm(text: Optional[str]) -> Optional[Tuple[int, int]]:
     """'2:4' -> (2, 4). Raises ValueError with a message naming the fix."""
     if text is None or text == "":
