@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from taskedge.runtime.flags import flag
+from taskedge.runtime.flags import FRACTION, POSITIVE, at_least, flag
 
 
 def _op_forms(items: List[str]) -> Dict[str, str]:
@@ -18,19 +18,20 @@ class ExportConfig:
                       positional=True)
     out: str = flag(help="bundle folder to write (replaced atomically)")
     calib: Optional[str] = flag(None, ".npz with arrays named after the model inputs (target-task data)")
-    calib_batches: int = flag(8, "calibration batches")
-    batch_size: int = flag(32, "calibration batch size")
+    calib_batches: int = flag(8, "calibration batches", check=at_least(1))
+    batch_size: int = flag(32, "calibration batch size", check=at_least(1))
     budget: float = flag(0.001, "share of the model's weights to train (0.001 = 0.1 %; below one input per "
-                                "neuron, that share of every layer's neurons trains one input each)")
+                                "neuron, that share of every layer's neurons trains one input each)", check=FRACTION)
     selection: str = flag("taskedge", "how each neuron's inputs are ranked: taskedge |W|*||X||, magnitude |W|, "
                                       "activation ||X||, random, or gradient (GPS: sum |dL/dW| on the calibration "
                                       "data, which needs its labels)",
                           choices=["taskedge", "magnitude", "activation", "random", "gradient"])
     nm: Optional[str] = flag(None, "N:M structure for the update, e.g. 2:4")
-    lora_rank: Optional[int] = flag(None, "sparse LoRA: update = (B@A) masked, rank R")
+    lora_rank: Optional[int] = flag(None, "sparse LoRA: update = (B@A) masked, rank R", check=at_least(1))
     include: List[str] = flag(help="glob on layer/weight names to select (repeatable)", default_factory=list)
     exclude: List[str] = flag(help="glob on layer/weight names to skip (repeatable)", default_factory=list)
-    num_classes: Optional[int] = flag(None, "replace/add a dense classification head with C classes")
+    num_classes: Optional[int] = flag(None, "replace/add a dense classification head with C classes",
+                                      check=at_least(2))
     output: Optional[str] = flag(None, "the model output the head reads (default: its one float [batch, F] output)")
     pool: Optional[str] = flag(None, "pool a [batch, seq, F] or [batch, C, H, W] output to [batch, F] "
                                      "(mean and max honour an attention_mask input)", choices=["mean", "cls", "max"])
@@ -40,5 +41,5 @@ class ExportConfig:
     dense_backward: bool = flag(False, "keep ORT's dense weight gradient for scatter layers (slower; for comparison)")
     ort_reference: Optional[str] = None         # also write ORT's own training artifacts here (same graph,
                                                 # before lowering): the reference the step graph is checked on
-    lr: float = flag(1e-3, "default learning rate stored in the bundle")
-    seed: int = flag(0, "seed of the new head and LoRA factors")
+    lr: float = flag(1e-3, "default learning rate stored in the bundle", check=POSITIVE)
+    seed: int = flag(0, "seed of the new head, LoRA factors and --selection random", check=at_least(0))

@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 from .options import AdaptOptions
-from .flags import add_flags, from_flags, given
+from .flags import Parser, add_flags, from_flags, given
 from .fsutil import UserError
 
 
@@ -109,7 +109,7 @@ ADAPT_EXAMPLES = """examples (files of the README walk-through):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="taskedge", description=__doc__,
+    p = Parser(prog="taskedge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 

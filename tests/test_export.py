@@ -158,7 +158,7 @@ def _no_weight_model(path):
 
 
 @pytest.mark.parametrize("case", ["missing", "not_onnx", "no_weights", "bad_shape", "bad_dtype", "budget0",
-                                  "budget2", "bad_nm", "budget_too_small"])
+                                  "budget2", "bad_nm", "budget_nan", "lr_negative"])
 def test_bad_input_one_line_exit_2_nothing_left(tmp_path, mlp_onnx, mlp_data, case):
     model, calib, extra = str(mlp_onnx), str(mlp_data / "train.npz"), []
     if case == "missing":
@@ -183,8 +183,10 @@ def test_bad_input_one_line_exit_2_nothing_left(tmp_path, mlp_onnx, mlp_data, ca
         extra = ["--budget", "2"]
     elif case == "bad_nm":
         extra = ["--nm", "3:2"]
-    elif case == "budget_too_small":
-        extra = ["--budget", "0.0001"]
+    elif case == "budget_nan":
+        extra = ["--budget", "nan"]
+    elif case == "lr_negative":
+        extra = ["--lr", "-1"]
     out = tmp_path / "out"
     r = run_cli("export", model, "--out", out, "--calib", calib, "--num-classes", "3", *extra)
     assert r.returncode == 2, (r.stdout, r.stderr)
@@ -289,3 +291,13 @@ def test_sparse_backward_drops_the_dense_weight_gradient(tmp_path):
     for w in ("w1", "w2", "w3", "w4"):
         assert f"{w}.taskedge_w_scattered_grad" not in names          # no [cols, rows] gradient GEMM
         assert f"{w}.taskedge_sb_grad_used" in names
+
+
+def test_budget_below_one_entry_per_layer_still_trains_each_layer(tmp_path, mlp_onnx, mlp_data):
+    """0.0001 of 5,248 weights is 0 entries: each layer's best neuron trains its best input, with a warning."""
+    r = run_cli("export", mlp_onnx, "--out", tmp_path / "out", "--calib", mlp_data / "train.npz", "--num-classes", "3",
+                "--budget", "0.0001", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "warning: budget 0.0001" in r.stderr and "each layer still trains" in r.stderr
+    info = json.loads(r.stdout)
+    assert [l["trainable"] for l in info["layers"]] == [1, 1]
