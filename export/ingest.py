@@ -1,4 +1,5 @@
-"""Ingest: an ONNX file, or a PyTorch module from `package.module:factory`.
+"""Ingest: an ONNX file, a PyTorch module from `package.module:factory`, or a Hugging Face
+checkpoint folder `hf:PATH` (export/hf.py).
 
 A factory returns `(module, example)` or `(module, example, meta)`: `example` is a
 tensor, a tuple of tensors, or a dict {input name: tensor}; `meta` may carry
@@ -32,7 +33,7 @@ class Source:
 def load_onnx(path) -> onnx.ModelProto:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"model file not found: {p} (give an .onnx file or package.module:factory)")
+        raise UserError(f"model file not found: {p} (give an .onnx file, package.module:factory or hf:FOLDER)")
     try:
         model = onnx.load(str(p))
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
@@ -80,7 +81,15 @@ def export_factory(spec: str) -> Source:
     return Source(model, meta.get("name", spec), meta, {n: _to_numpy(a) for n, a in zip(names, args)})
 
 
+def export_hf(spec: str) -> Source:
+    from .hf import export_hf as export
+    model, name, meta, example = export(spec[len("hf:"):], OPSET)
+    return Source(model, name, meta, example)
+
+
 def ingest(spec: str) -> Source:
+    if spec.startswith("hf:"):
+        return export_hf(spec)
     if spec.endswith(".onnx") or os.path.sep in spec or os.path.exists(spec) or ":" not in spec:
         return Source(load_onnx(spec), Path(spec).stem)
     return export_factory(spec)

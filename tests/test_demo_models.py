@@ -22,7 +22,8 @@ def test_minilm_strict_keys_and_sentence_similarity():
     model = demo_models.load_minilm()
     with safe_open(str(demo_data.MINILM_DIR / "model.safetensors"), "pt") as f:
         file_keys = set(f.keys())
-    assert set(model.state_dict()) | demo_models.MINILM_UNUSED_KEYS == file_keys
+    # every checkpoint tensor but the pooler's is a parameter (position_ids: a constant buffer)
+    assert set(model.model.state_dict()) | demo_models.MINILM_UNUSED_KEYS == file_keys - {"embeddings.position_ids"}
     # sentence-transformers' quickstart gives 0.6660 / 0.1046 / 0.1411 for these three.
     e = demo_models.sentence_embeddings(model, ["The weather is lovely today.", "It's so sunny outside!",
                                                 "He drove to the stadium."])
@@ -30,6 +31,45 @@ def test_minilm_strict_keys_and_sentence_similarity():
     e = demo_models.sentence_embeddings(model, ["A man is playing a guitar.", "Someone plays the guitar.",
                                                 "The stock market fell sharply today."])
     assert e[0] @ e[1] > 0.8 and abs(e[0] @ e[2]) < 0.3 and abs(e[1] @ e[2]) < 0.3
+
+
+def _reference_minilm(state, ids, mask, layers=6, heads=12, eps=1e-12):
+    """The demo's encoder before it used transformers: BERT written out on the checkpoint's
+    tensors (padding as an additive -1e4 bias), mean-pooled over the real tokens."""
+    import math
+    F = torch.nn.functional
+    lin = lambda x, p: x @ state[p + ".weight"].T + state[p + ".bias"]  # noqa: E731
+    norm = lambda x, p: F.layer_norm(x, x.shape[-1:], state[p + ".weight"], state[p + ".bias"], eps)  # noqa: E731
+    b, t = ids.shape
+    x = norm(state["embeddings.word_embeddings.weight"][ids] + state["embeddings.position_embeddings.weight"][:t]
+             + state["embeddings.token_type_embeddings.weight"][0], "embeddings.LayerNorm")
+    bias = (1.0 - mask.float())[:, None, None, :] * -1e4
+    for i in range(layers):
+        p = f"encoder.layer.{i}."
+        d = x.shape[-1]
+        q, k, v = (lin(x, p + "attention.self." + n).view(b, t, heads, d // heads).transpose(1, 2)
+                   for n in ("query", "key", "value"))
+        a = (torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // heads) + bias, -1) @ v).transpose(1, 2)
+        x = norm(lin(a.reshape(b, t, d), p + "attention.output.dense") + x, p + "attention.output.LayerNorm")
+        x = norm(lin(F.gelu(lin(x, p + "intermediate.dense")), p + "output.dense") + x, p + "output.LayerNorm")
+    m = mask.float()[..., None]
+    return (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def test_minilm_matches_the_written_out_encoder():
+    """transformers' BertModel in the demo gives the embeddings of the hand-written encoder it
+    replaced (to 1e-5), on padded batches of uneven lengths."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(demo_data.MINILM_DIR / "model.safetensors"))
+    ids, mask = demo_data.tokenize(["A three-hour cinema master class.", "Dull.", "What a fine film it was, "
+                                    "with a cast that never once puts a foot wrong in two long hours."])
+    ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    assert 0 < int(mask.sum(1).min()) < int(mask.sum(1).max()) < ids.shape[1]
+    with torch.no_grad():
+        got, want = demo_models.load_minilm()(ids, mask), _reference_minilm(state, ids, mask)
+    assert got.shape == (3, 384)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
 
 
 def test_minilm_factory_inputs():

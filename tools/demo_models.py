@@ -5,8 +5,8 @@ names to tensors (batch on dim 0), `meta` holds `name`, optionally `tokenizer`, 
 `preprocessing` the board applies before feeding the model. All weights come from installed
 packages; nothing is downloaded.
 
-- `minilm_sentiment`: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) as a short self-written
-  encoder, returning attention-mask-weighted mean-pooled embeddings [B, 384].
+- `minilm_sentiment`: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) as transformers' BertModel,
+  returning attention-mask-weighted mean-pooled embeddings [B, 384].
 - `mobilenet_v2_digits`: torchvision's ImageNet MobileNetV2 (layer names kept), 1000 logits.
 - `digits_cnn`: a small conv / depthwise / pointwise / linear net, pretrained here on clean
   digits 0-4 (a few seconds, cached), to adapt to shifted digits or to classes 5-9.
@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from taskedge.runtime.fsutil import atomic_path
@@ -36,124 +35,31 @@ IMAGE_SIZE = 64          # MobileNetV2 input side for the digits demo (see mobil
 
 
 # ----------------------------------------------------------------------------- MiniLM (BERT)
-class BertConfig:
-    vocab, positions, hidden, layers, heads, ffn, eps = 30522, 512, 384, 6, 12, 1536, 1e-12
-
-
-class Embeddings(nn.Module):
-    def __init__(self, c=BertConfig):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(c.vocab, c.hidden)
-        self.position_embeddings = nn.Embedding(c.positions, c.hidden)
-        self.token_type_embeddings = nn.Embedding(2, c.hidden)
-        self.LayerNorm = nn.LayerNorm(c.hidden, eps=c.eps)
-
-    def forward(self, input_ids):
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings.weight[0]
-        return self.LayerNorm(x)
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, c=BertConfig):
-        super().__init__()
-        self.heads, self.head_dim = c.heads, c.hidden // c.heads
-        self.query, self.key, self.value = (nn.Linear(c.hidden, c.hidden) for _ in range(3))
-
-    def forward(self, x, bias):
-        b, t, _ = x.shape
-        q, k, v = (lin(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-                   for lin in (self.query, self.key, self.value))
-        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.head_dim) + bias, dim=-1)
-        return (att @ v).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
-
-
-class DenseAddNorm(nn.Module):
-    """BERT's `*.output` block: LayerNorm(dense(x) + residual)."""
-
-    def __init__(self, d_in, d_out, eps):
-        super().__init__()
-        self.dense = nn.Linear(d_in, d_out)
-        self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
-
-    def forward(self, x, residual):
-        return self.LayerNorm(self.dense(x) + residual)
-
-
-class Attention(nn.Module):
-    def __init__(self, c=BertConfig):
-        super().__init__()
-        self.self = SelfAttention(c)
-        self.output = DenseAddNorm(c.hidden, c.hidden, c.eps)
-
-    def forward(self, x, bias):
-        return self.output(self.self(x, bias), x)
-
-
-class Intermediate(nn.Module):
-    def __init__(self, c=BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(c.hidden, c.ffn)
-
-    def forward(self, x):
-        return F.gelu(self.dense(x))      # exact (erf) GELU, as BERT's "gelu"
-
-
-class Layer(nn.Module):
-    def __init__(self, c=BertConfig):
-        super().__init__()
-        self.attention = Attention(c)
-        self.intermediate = Intermediate(c)
-        self.output = DenseAddNorm(c.ffn, c.hidden, c.eps)
-
-    def forward(self, x, bias):
-        x = self.attention(x, bias)
-        return self.output(self.intermediate(x), x)
-
-
-class Encoder(nn.Module):
-    def __init__(self, c=BertConfig):
-        super().__init__()
-        self.layer = nn.ModuleList(Layer(c) for _ in range(c.layers))
-
-
-class MiniLM(nn.Module):
-    """BERT encoder + mean pooling over real tokens. Parameter names follow Hugging Face's
-    BertModel, so the safetensors load as they are. The padding mask enters attention as an
-    additive -1e4 bias (plain MatMul/Softmax in ONNX, no fused attention op)."""
-
-    def __init__(self, c=BertConfig):
-        super().__init__()
-        self.embeddings = Embeddings(c)
-        self.encoder = Encoder(c)
-
-    def forward(self, input_ids, attention_mask):
-        mask = attention_mask.to(torch.float32)
-        bias = (1.0 - mask)[:, None, None, :] * -1e4
-        x = self.embeddings(input_ids)
-        for layer in self.encoder.layer:
-            x = layer(x, bias)
-        return (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1e-9)
-
-
 # Keys of the checkpoint that the pooled encoder does not use: BERT's [CLS] pooler (not part of
-# sentence-transformers' mean pooling) and the constant position-id buffer.
-MINILM_UNUSED_KEYS = {"pooler.dense.weight", "pooler.dense.bias", "embeddings.position_ids"}
+# sentence-transformers' mean pooling).
+MINILM_UNUSED_KEYS = {"pooler.dense.weight", "pooler.dense.bias"}
 
 
-def load_minilm() -> MiniLM:
-    """MiniLM with the packaged all-MiniLM-L6-v2 weights; every other key must match exactly."""
-    state = load_file(str(MINILM_DIR / "model.safetensors"))
-    missing = MINILM_UNUSED_KEYS - set(state)
-    if missing:
-        raise KeyError(f"all-MiniLM-L6-v2 checkpoint lacks expected keys {sorted(missing)}")
-    model = MiniLM()
-    model.load_state_dict({k: v for k, v in state.items() if k not in MINILM_UNUSED_KEYS}, strict=True)
-    return model.eval()
+def load_minilm() -> nn.Module:
+    """transformers' BertModel with the packaged all-MiniLM-L6-v2 weights (eager attention: plain
+    MatMul/Softmax in ONNX), returning attention-mask-weighted mean-pooled embeddings [B, 384].
+    Every checkpoint key but the unused pooler's must load, and nothing may be left unloaded."""
+    from transformers import BertModel
+
+    from taskedge.export.hf import Pooled, quiet_transformers
+
+    with quiet_transformers():
+        bert, info = BertModel.from_pretrained(str(MINILM_DIR), local_files_only=True, add_pooling_layer=False,
+                                               attn_implementation="eager", output_loading_info=True)
+    odd = set(info["missing_keys"]) | (set(info["unexpected_keys"]) - MINILM_UNUSED_KEYS)
+    if odd or info["mismatched_keys"]:
+        raise KeyError(f"all-MiniLM-L6-v2 checkpoint does not match BertModel: {sorted(odd)} "
+                       f"{info['mismatched_keys']}")
+    return Pooled(bert.eval(), ["input_ids", "attention_mask"], "mean").eval()
 
 
 @torch.no_grad()
-def sentence_embeddings(model: MiniLM, texts, batch_size: int = 64) -> np.ndarray:
+def sentence_embeddings(model: nn.Module, texts, batch_size: int = 64) -> np.ndarray:
     """L2-normalised mean-pooled embeddings [len(texts), 384], as sentence-transformers gives."""
     ids, mask = demo_data.tokenize(texts)
     out = [model(torch.from_numpy(ids[i:i + batch_size]), torch.from_numpy(mask[i:i + batch_size]))
