@@ -14,8 +14,9 @@ def _op_forms(items: List[str]) -> Dict[str, str]:
 
 @dataclass
 class ExportConfig:
-    model: str = flag(help="an .onnx file, or package.module:factory returning (module, example[, meta])",
-                      positional=True)
+    model: str = flag(help="an .onnx file, package.module:factory returning (module, example[, meta]), or "
+                           "hf:FOLDER (a Hugging Face checkpoint folder: config.json + safetensors; needs "
+                           "transformers)", positional=True)
     out: str = flag(help="bundle folder to write (replaced atomically)")
     calib: Optional[str] = flag(None, ".npz with arrays named after the model inputs (target-task data)")
     calib_batches: int = flag(8, "calibration batches", check=at_least(1))

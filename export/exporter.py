@@ -131,7 +131,13 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
     head = add_head(model, cfg.num_classes, cfg.seed, features) if cfg.num_classes else None
     head_params = set(head["params"]) if head else set()
     num_weights = count_weights(model, exclude=head_params)
-    ops = [op for op in filter_ops(find_weight_ops(model), cfg.include, cfg.exclude) if op.weight not in head_params]
+    candidates = [op for op in find_weight_ops(model) if op.weight not in head_params]
+    for flag, pattern in [("--include", p) for p in cfg.include] + [("--exclude", p) for p in cfg.exclude]:
+        if not filter_ops(candidates, [pattern]):
+            raise UserError(f"{flag} {pattern!r} matches no layer or weight; names look like "
+                            f"{candidates[0].name!r} / {candidates[0].weight!r} (see `taskedge inspect`)"
+                            if candidates else f"{flag} {pattern!r}: the model has no weight op")
+    ops = filter_ops(candidates, cfg.include, cfg.exclude)
     if cfg.head_only:
         ops = []
     elif not ops:

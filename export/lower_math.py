@@ -32,9 +32,10 @@ def _norm_axes(node: onnx.NodeProto, x: str, ctx: Context) -> List[int]:
 
 @lowering("ConcatTraining")
 def _concat_training(e, node, ctx):
-    if opt_out(node, 1) in ctx.used:
-        raise UserError(f"ConcatTraining {node.name}: its per-input lengths output is used; no lowering for that")
-    e("Concat", list(node.input), node.output[0], axis=int(node_attr(node, "axis", 0)))
+    axis = int(node_attr(node, "axis", 0))
+    e("Concat", list(node.input), node.output[0], axis=axis)
+    if opt_out(node, 1) in ctx.used:    # per-input lengths along `axis`: SplitTraining's split sizes
+        e("Concat", [e("Gather", [e("Shape", [x]), e.c([axis])]) for x in node.input], node.output[1], axis=0)
 
 
 @lowering("LayerNormalizationGrad", "SimplifiedLayerNormalizationGrad")

@@ -24,6 +24,8 @@ from .lower import MS, lower, runs_on_plain_ort
 
 ALIGN = 4096
 INLINE_MAX_BYTES = 1024            # smaller constants stay in the graph file
+SAFE_USES = {("MatMul", 1), ("Gemm", 1), ("Gemm", 2), ("Conv", 1), ("Conv", 2), ("Gather", 0), ("Reshape", 0),
+             ("GatherElements", 0), ("GatherElements", 1), ("ScatterElements", 0), ("ScatterElements", 1)}
 ACCUMULATORS = ("InPlaceAccumulatorV2", "InPlaceAccumulator")
 TRAINING_DOMAINS = ("ai.onnx.training", "ai.onnx.preview.training", "com.microsoft.experimental",
                     "com.microsoft.nchwc", "org.pytorch.aten", "ai.onnx.ml")
@@ -111,6 +113,12 @@ def store_weights(models: List[onnx.ModelProto], folder: Path, everything_of: on
                     raise ValueError(f"two graphs hold different tensors named {t.name!r}")
                 continue
             chosen[t.name] = t
+    # Sessions share a tensor through add_initializer only where every use is one of SAFE_USES:
+    # onnxruntime's transpose optimizer rewrites other initializers (e.g. a LayerNorm scale after a
+    # Transpose in ConvNeXt) and ignores that rewrite for user-provided ones, giving wrong results
+    # (1.19.2 and 1.23.2). The others stay external data that each session reads itself.
+    unsafe = {name for m in models for n in m.graph.node for i, name in enumerate(n.input)
+              if (n.op_type, i) not in SAFE_USES}
     index: List[WeightEntry] = []
     offsets: Dict[str, WeightEntry] = {}
     with open(folder / WEIGHTS, "wb") as f:
@@ -119,7 +127,8 @@ def store_weights(models: List[onnx.ModelProto], folder: Path, everything_of: on
             pad = (-f.tell()) % ALIGN
             f.write(b"\0" * pad)
             entry = WeightEntry(name=name, dtype=a.dtype.name, shape=list(a.shape), offset=f.tell(),
-                                nbytes=int(a.nbytes), base=name in base_names)
+                                nbytes=int(a.nbytes), base=name in base_names,
+                                share=name not in unsafe)
             f.write(a.tobytes())
             index.append(entry)
             offsets[name] = entry

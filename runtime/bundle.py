@@ -68,6 +68,8 @@ class WeightEntry:
     offset: int
     nbytes: int
     base: bool = False              # an initializer of base_model.onnx (merge rebuilds the model from these)
+    share: bool = True              # a weight-op weight: sessions share it (add_initializer); the rest each
+                                    # session reads from weights.bin itself (see stepgraph.store_weights)
 
 
 @dataclass

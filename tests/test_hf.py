@@ -2,8 +2,8 @@
 its tokenizer, BERT with a sequence-classification head, ViT, ResNet, ConvNeXt): export -> the step
 graph's gradients equal ORT-training's -> adapt with the board CLI -> merge, whose logits equal the
 bundle's eval graph; preprocessing and tokenizer recorded; one-line errors for what cannot work.
-Two known gaps are strict xfails (they start failing once fixed): ViT's trainable patch embedding
-and ConvNeXt's channels-first LayerNorm."""
+ViT's trainable patch embedding (ConcatTraining's lengths output) and ConvNeXt's channels-first
+LayerNorm (weights onnxruntime's transpose optimizer rewrites are not shared) are covered."""
 from __future__ import annotations
 
 import json
@@ -95,17 +95,12 @@ def _task_data(src, classes, n=48, seed=0):
     return data
 
 
-XFAIL_SHARED_WEIGHTS = pytest.mark.xfail(strict=True, reason=(
-    "runtime: with the frozen weights given as shared initializers (trainer.open_session's "
-    "add_initializer), onnxruntime's graph optimizer mis-broadcasts the rank-1 LayerNorm scale in "
-    "LayerNormalizationGrad after ConvNeXt's channels-first Transpose: wrong gradients below it, or a "
-    "broadcast error when W != C; the same graph with the weights read from the file is right"))
 CASES = [   # name, --num-classes, --exclude, preprocessing kind
     pytest.param("bert", 4, [], "text", id="bert"),
     pytest.param("bert-cls", None, [], "text", id="bert-cls"),   # trains the checkpoint's own classifier
-    pytest.param("vit", 4, ["*patch_embeddings*"], "image", id="vit"),   # see test_vit_patch_embedding_lowering_gap
+    pytest.param("vit", 4, [], "image", id="vit"),          # the patch embedding trains too (ConcatTraining lengths)
     pytest.param("resnet", 4, [], "image", id="resnet"),
-    pytest.param("convnext", 4, [], "image", id="convnext", marks=XFAIL_SHARED_WEIGHTS),
+    pytest.param("convnext", 4, [], "image", id="convnext"),  # LayerNorm scales after a Transpose: not shared
 ]
 
 
@@ -182,9 +177,9 @@ def test_preprocessing_and_tokenizer_recorded(checkpoints, tmp_path):
     assert json.loads(r.stdout)["steps"] == 2
 
 
-@pytest.mark.xfail(raises=UserError, strict=True, reason="the lowering has no ConcatTraining with its lengths "
-                   "output used (ViT's [CLS] + patch concat, differentiated when the patch embedding trains)")
-def test_vit_patch_embedding_lowering_gap(checkpoints, tmp_path):
+def test_vit_patch_embedding_trains(checkpoints, tmp_path):
+    """ViT's [CLS] + patch Concat is differentiated when the patch embedding trains: ConcatTraining
+    with its lengths output used, lowered to Concat + the inputs' sizes."""
     np.savez(tmp_path / "c.npz", **ingest(f"hf:{checkpoints / 'vit'}").example)
     man = export_bundle(ExportConfig(model=f"hf:{checkpoints / 'vit'}", out=str(tmp_path / "b"), num_classes=4,
                                      calib=str(tmp_path / "c.npz"), budget=0.05), log=lambda m: None)
