@@ -3,7 +3,8 @@
 A checkpoint is two files in the run folder:
     ckpt-00000120        the trainable state only (an .npz: trainable tensors, AdamW moments, update
                          count; KB to MB, never the frozen weights), written atomically
-    ckpt-00000120.json   commit record: sha256 of the checkpoint + the loop state, written last
+    ckpt-00000120.json   commit record: sha256 of the checkpoint + the run's state (RunState,
+                         runtime/train/state.py), written last
 A checkpoint without its commit record, or whose hash does not match, is ignored
 (the previous one is used). The newest `keep` *good* checkpoints are kept: a torn or
 corrupted one never counts towards `keep`, so a bad file cannot push a good one out.

@@ -47,23 +47,26 @@ class AdaptOptions:
     from_run: Optional[dict] = None     # settings --resume took from the interrupted run (see `options`)
 
 
-# What a run records in its checkpoints (`Session.run_flags`); `--resume` takes these for every flag not given.
-RECORDED = ("data", "eval_data", "batch_size", "seed", "profile", "power_mode", "steps", "epochs", "lr",
-            "schedule", "warmup", "skip_bad")
+# The settings a run records in its checkpoints (train/resume.py: run_flags); `--resume` takes these for every
+# flag not given. A resumed run must keep SAME_ON_RESUME (else it silently trains on other data or in another
+# order); the others may change (extend --steps, lower --lr, add --skip-bad, another profile).
+SAME_ON_RESUME = ("data", "eval_data", "batch_size", "seed")
+RECORDED = SAME_ON_RESUME + ("profile", "power_mode", "steps", "epochs", "lr", "schedule", "warmup", "skip_bad")
 
 
 def options(bundle_dir, given: dict) -> AdaptOptions:
     """AdaptOptions from the flags the user gave (absent or None: not given). With --resume, each
     recorded setting of the interrupted run (its newest good checkpoint) fills a flag not given;
     the rest take AdaptOptions' defaults. A given flag that contradicts the run is judged later
-    (`Session._check_resume_flags`)."""
+    (train/resume.py: check_flags)."""
     given = {k: v for k, v in given.items() if v is not None and k in AdaptOptions.__dataclass_fields__}
     run_dir = given.get("run_dir") or Path(bundle_dir) / "run"
     taken: Dict[str, object] = {}
     if given.get("resume"):
         from .checkpoints import CheckpointStore
+        from .train.state import RunState
         found = CheckpointStore(run_dir).latest(warn=lambda m: None)
-        saved = (found[1].get("flags") or {}) if found else {}
+        saved = (RunState.from_record(found[1]).flags or {}) if found else {}
         taken = {k: saved[k] for k in RECORDED
                  if k not in given and saved.get(k) is not None and saved.get(k) is not False}
     if "data" not in given and "data" not in taken:

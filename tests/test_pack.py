@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +58,12 @@ def test_pack_contents_and_roundtrip(packed, mlp_bundle, tmp_path):
         wn = z.namelist()
         meta = z.read(next(n for n in wn if n.endswith(".dist-info/METADATA"))).decode()
     assert "taskedge/runtime/trainer.py" in wn and "taskedge/device_profiles/host-cpu.toml" in wn
+    # every runtime module, those of its subpackages (runtime/train/) too: pyproject lists each package
+    import taskedge.runtime
+    runtime = Path(taskedge.runtime.__file__).resolve().parent
+    missing = [f for f in (f"taskedge/runtime/{p.relative_to(runtime).as_posix()}" for p in runtime.rglob("*.py"))
+               if f not in wn]
+    assert "taskedge/runtime/train/session.py" in wn and not missing, missing
     # onnxruntime only through the [board] extra, so the installer can keep an onnxruntime-gpu
     ort_reqs = [ln for ln in meta.splitlines() if ln.startswith("Requires-Dist: onnxruntime")]
     assert any('extra == "board"' in ln for ln in ort_reqs) and all("extra ==" in ln for ln in ort_reqs), ort_reqs

@@ -135,24 +135,23 @@ def test_lr_1e6_diverges_3_times_then_stops_at_last_good_state(mlp_bundle, mlp_d
 def test_inf_in_update_rolls_back(mlp_bundle, mlp_data, tmp_path, monkeypatch, record):
     """In-process: the optimizer step leaves an Inf in the update once (finite loss)."""
     from taskedge.runtime import adapt as A
+    from taskedge.runtime.train.session import Session
     from taskedge.runtime.trainer import Trainer
-    orig, fired = Trainer.optimizer_step, []
+    orig, fired, sessions = Trainer.optimizer_step, [], []
 
     def bad_step(self):
         orig(self)
-        s = getattr(A, "_session", None)
-        if not fired and s is not None:
-            if s.step == 7:
-                fired.append(1)
-                n = s.manifest.trainable_names[0]
-                self.state.params[n].flat[0] = np.inf
+        if not fired and sessions and sessions[0].state.step == 7:
+            fired.append(1)
+            n = sessions[0].manifest.trainable_names[0]
+            self.state.params[n].flat[0] = np.inf
     monkeypatch.setattr(Trainer, "optimizer_step", bad_step)
-    orig_run = A.Session._run
+    orig_run = Session.run
 
     def run_(self):
-        A._session = self
+        sessions.append(self)
         return orig_run(self)
-    monkeypatch.setattr(A.Session, "_run", run_)
+    monkeypatch.setattr(Session, "run", run_)
     rep = A.adapt(mlp_bundle, A.AdaptOptions(data=str(mlp_data / "train.npz"), steps=15, checkpoint_every=5,
                                              lr=0.01, run_dir=str(tmp_path / "run"), quiet=True))
     dv = rep["divergences"]
