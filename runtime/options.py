@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
-from .flags import flag
+from .flags import POSITIVE, at_least, flag
 from .fsutil import UserError
 
 
@@ -19,19 +19,19 @@ class AdaptOptions:
     eval_data: Optional[str] = flag(None, "held-out data for accuracy (default: 10 % of --data)")
     profile: str = flag("host-cpu", "device profile name or .toml (see `taskedge profiles`)")
     power_mode: Optional[str] = flag(None, "nvpmodel mode of the profile (default: its default)")
-    memory_budget_mb: Optional[float] = flag(None, "peak RSS budget (default: the profile's share)")
-    energy_budget_j: Optional[float] = flag(None, "stop cleanly at this much energy (joules, cumulative)")
-    max_seconds: Optional[float] = flag(None, "stop after this many seconds")
-    steps: Optional[int] = flag(None, "optimizer steps to run in total")
-    epochs: Optional[float] = flag(None, "epochs over --data (if --steps is not given)")
-    batch_size: int = flag(32, "effective batch size (micro-batch x accumulation)")
-    micro_batch: Optional[int] = flag(None, "force the micro-batch instead of planning it")
-    lr: Optional[float] = flag(None, "peak learning rate (default: the bundle's)")
+    memory_budget_mb: Optional[float] = flag(None, "peak RSS budget (default: the profile's share)", check=POSITIVE)
+    energy_budget_j: Optional[float] = flag(None, "stop cleanly at this much energy (joules, cumulative)", check=POSITIVE)
+    max_seconds: Optional[float] = flag(None, "stop after this many seconds", check=POSITIVE)
+    steps: Optional[int] = flag(None, "optimizer steps to run in total", check=at_least(1))
+    epochs: Optional[float] = flag(None, "epochs over --data (if --steps is not given)", check=POSITIVE)
+    batch_size: int = flag(32, "effective batch size (micro-batch x accumulation)", check=at_least(1))
+    micro_batch: Optional[int] = flag(None, "force the micro-batch instead of planning it", check=at_least(1))
+    lr: Optional[float] = flag(None, "peak learning rate (default: the bundle's)", check=POSITIVE)
     schedule: str = flag("cosine", "lr schedule", choices=["cosine", "linear", "constant"])
-    warmup: int = flag(10, "warm-up steps")
-    eval_every: int = flag(0, "evaluate every N steps (0: at the start and the end)")
-    checkpoint_every: int = flag(50, "checkpoint every N steps")
-    keep: int = flag(2, "checkpoints to keep")
+    warmup: int = flag(10, "warm-up steps", check=at_least(0))
+    eval_every: int = flag(0, "evaluate every N steps (0: at the start and the end)", check=at_least(0))
+    checkpoint_every: int = flag(50, "checkpoint every N steps", check=at_least(1))
+    keep: int = flag(2, "checkpoints to keep", check=at_least(1))
     resume: bool = flag(False, "continue from the newest good checkpoint, with the run's recorded data, eval data, "
                                "batch size, seed, profile and schedule for every flag not given (other data is "
                                "refused)")
@@ -40,9 +40,9 @@ class AdaptOptions:
     control_file: Optional[str] = flag(None, 'JSON file re-read every step, e.g. {"memory_budget_mb": 900} '
                                              "(default RUN_DIR/control.json)")
     skip_bad: bool = flag(False, "skip (and count) bad records instead of stopping at the first one")
-    seed: int = flag(0, "data order seed")
+    seed: int = flag(0, "data order seed", check=at_least(0))
     device: str = flag("cpu", "cpu, or cuda[:N] with NVIDIA's onnxruntime-gpu (JetPack) installed")
-    threads: int = flag(0, "ORT intra-op threads (0: ORT's choice)")
+    threads: int = flag(0, "ORT intra-op threads (0: ORT's choice)", check=at_least(0))
     quiet: bool = flag(False, "no progress output")
     from_run: Optional[dict] = None     # settings --resume took from the interrupted run (see `options`)
 

@@ -159,7 +159,12 @@ def load_profile(name_or_path) -> DeviceProfile:
     if isinstance(name_or_path, Path) or s.endswith(".toml") or "/" in s or p.is_file():
         if not p.is_file():
             raise UserError(f"profile file not found: {s}")
-        return _parse(p.read_text(encoding="utf-8"), str(p))
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as e:
+            raise UserError(f"{s}: cannot read the profile ({type(e).__name__}: {e}); give a UTF-8 TOML file "
+                            "(see `taskedge profile show host-cpu` for one)") from None
+        return _parse(text, str(p))
     shipped = _shipped()
     if s not in shipped:
         raise UserError(f"unknown device profile {s!r}; known profiles: {', '.join(sorted(shipped))} "

@@ -70,7 +70,7 @@ def unpack(tar, dest) -> Dict[str, object]:
     except extractor.UnsafeArchive as e:
         raise PackError(f"{tar}: refusing to unpack: {e}; re-create it with `taskedge pack`") from None
     except tarfile.TarError as e:
-        raise PackError(f"{tar}: not a readable tar archive ({e}); re-copy it from the host") from None
+        raise PackError(f"{tar}: not a readable tar archive ({' '.join(str(e).split())}); re-copy it from the host") from None
     return {"archive": str(tar), "dest": str(dest), "files": count, "verified": True,
             "tarfile_data_filter": extractor.DATA_FILTER is not None}
 
