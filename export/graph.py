@@ -169,8 +169,8 @@ def unshare_initializers(model: onnx.ModelProto) -> List[str]:
     """Give every consumer of a shared initializer its own copy, so each weight op gets its own
     update path and ORT's gradient builder never derives one gradient name twice (identical
     tensors merged by torch.onnx, e.g. the LayerNorms of a fresh nn.TransformerEncoder, or tied
-    layers). Embedding lookups (Gather) keep reading the original: tied embeddings stay tied and
-    are not copied for them. An `Identity` of an initializer (how torch.onnx stores a tensor
+    layers). Embedding lookups (Gather) and the first other consumer keep reading the original:
+    tied embeddings (a lookup + the LM head) stay one tensor. An `Identity` of an initializer (how torch.onnx stores a tensor
     identical to another) becomes an initializer of its own. Returns the names of the copies made."""
     inits = {t.name: t for t in model.graph.initializer}
     made = []
@@ -189,8 +189,7 @@ def unshare_initializers(model: onnx.ModelProto) -> List[str]:
                 uses.setdefault(name, []).append((node, slot))
     for name, consumers in uses.items():
         others = [(n, s) for n, s in consumers if not (n.op_type == "Gather" and s == 0)]
-        keep_first = len(others) == len(consumers)      # no Gather: the first consumer keeps the original
-        for i, (node, slot) in enumerate(others[1:] if keep_first else others, start=1):
+        for i, (node, slot) in enumerate(others[1:], start=1):     # the first keeps the original
             copy_name = f"{name}.taskedge_copy{i}"
             t = onnx.TensorProto()
             t.CopyFrom(inits[name])

@@ -36,6 +36,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnx import shape_inference
 
 from taskedge.runtime.fsutil import UserError
@@ -80,6 +81,16 @@ class Context:
         for t in model.graph.initializer:
             self.rank[t.name] = len(t.dims)
             self.shape[t.name] = [int(d) for d in t.dims]
+        self.constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.output}
+
+    def value(self, name: str):
+        """The value of a constant tensor (an initializer or a Constant node), else None."""
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.constants.get(name)
+        if node is not None and node.attribute and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
 
     def rank_of(self, name: str, node: onnx.NodeProto) -> int:
         if name not in self.rank:
@@ -107,11 +118,16 @@ def f32(e: Emitter, value: float) -> str:
     return e.c(value, np.float32)
 
 
+# ops every onnxruntime build registers in the default domain beyond the ONNX standard (ORT's
+# fusions write them there: an RMSNorm becomes SimplifiedLayerNormalization; checked on 1.32.0)
+ORT_DEFAULT_DOMAIN = {"SimplifiedLayerNormalization"}
+
+
 def runs_on_plain_ort(node: onnx.NodeProto) -> bool:
     """A standard ONNX op (ORT's training build also registers MaxPoolGrad etc. in the default
     domain: those are not in the ONNX standard) or a contrib op of every onnxruntime build."""
     if node.domain in STANDARD_DOMAINS:
-        return onnx.defs.has(node.op_type)
+        return onnx.defs.has(node.op_type) or node.op_type in ORT_DEFAULT_DOMAIN
     return node.domain == MS and node.op_type in KEPT_CONTRIB
 
 

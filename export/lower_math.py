@@ -222,7 +222,10 @@ def _slice_grad(e, node, ctx):
     dy, shape, starts, ends = node.input[:4]
     axes, steps = opt_in(node, 4), opt_in(node, 5)
     if steps is not None:
-        raise UserError(f"SliceGrad {node.name}: strided slices have no lowering")
+        values = ctx.value(steps)
+        if values is None or not (np.asarray(values) == 1).all():
+            raise UserError(f"SliceGrad {node.name}: strided slices have no lowering")
+        steps = None                                         # steps of 1 (torch.onnx writes them): a plain slice
     rank = ctx.rank_of(dy, node)
     if axes is None:
         axes = e.c(list(range(rank)))

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 from .options import AdaptOptions
 from .flags import Parser, add_flags, from_flags, given
-from .fsutil import UserError
+from .fsutil import UserError, one_line
 
 
 def _export_config():
@@ -184,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(a.fn(a) or 0)
     except UserError as e:
-        print(f"taskedge {a.command}: error: {e}", file=sys.stderr)
+        print(f"taskedge {a.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"taskedge {a.command}: interrupted", file=sys.stderr)

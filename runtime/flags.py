@@ -23,7 +23,8 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: `taskedge adapt: error: argument --lr: ...`, exit 2."""
 
     def error(self, message: str):
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        from .fsutil import one_line
+        print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 

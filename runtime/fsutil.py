@@ -30,6 +30,12 @@ def fault_delay(what: str) -> None:
         time.sleep(float(delay))
 
 
+def one_line(text: str) -> str:
+    """`text` as one printable line: control characters and line breaks (a file name can hold
+    them) shown as escapes, so an error stays one line whatever it quotes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
 class UserError(Exception):
     """A problem the user can fix (bad path, bad flag, bad data). The CLI prints
     it as one line and exits with status 2."""

@@ -158,6 +158,9 @@ def test_gather_scatter_slice():
                          "dy": rnd(2, 3, 2)}, axis=1)                     # LoRA's Gather(A, idx, axis=1)
     check(_t("SliceGrad"), {"dy": rnd(2, 3), "shape": np.array([4, 6], np.int64), "st": np.array([1, -4], np.int64),
                             "en": np.array([3, 5], np.int64), "ax": np.array([0, 1], np.int64)})
+    check("SliceGrad", {"dy": rnd(2, 3), "shape": np.array([4, 6], np.int64), "st": np.array([1, -4], np.int64),
+                        "en": np.array([3, 5], np.int64), "ax": np.array([0, 1], np.int64),
+                        "steps": np.array([1, 1], np.int64)}, constants=("steps",))   # torch.onnx's explicit steps
 
 
 def test_shape_and_misc():

@@ -245,3 +245,8 @@ def test_empty_archive_is_one_line(tmp_path):
     (tmp_path / "x.tar").write_bytes(b"")
     rc, _, err = run(["unpack", tmp_path / "x.tar", tmp_path / "dest"])
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "not a readable tar archive" in err  # was 5 lines
+
+
+def test_error_quoting_a_control_character_stays_one_line():
+    rc, _, err = run(["profile", "show", "a/b\x1cc\u2028d"])   # \x1c and \u2028 split lines in Python
+    assert rc == 2 and len(err.splitlines()) == 1 and "\\x1c" in err   # was two lines
