@@ -42,5 +42,6 @@ class ExportConfig:
     dense_backward: bool = flag(False, "keep ORT's dense weight gradient for scatter layers (slower; for comparison)")
     ort_reference: Optional[str] = None         # also write ORT's own training artifacts here (same graph,
                                                 # before lowering): the reference the step graph is checked on
-    lr: float = flag(1e-3, "default learning rate stored in the bundle", check=POSITIVE)
+    lr: Optional[float] = flag(None, "learning rate stored in the bundle for adapt (default: none -- adapt then "
+                                     "picks one by short trials on held-out training data)", check=POSITIVE)
     seed: int = flag(0, "seed of the new head, LoRA factors and --selection random", check=at_least(0))

@@ -85,6 +85,9 @@ def final(s: "Session", stop, run_steps, total, acc_after, peak, ckpt, update_pa
                    "fallback_reason": getattr(meter, "fallback_reason", None)},
         "time": {"seconds": round(s.meters.seconds_before + secs, 2), "seconds_this_run": round(secs, 2),
                  "steps_per_second": round(run_steps / max(secs, 1e-9), 3)},
+        "lr": {"peak": float(s.opts.lr or s.manifest.method.get("lr") or 1e-3),
+               **(s.lr_choice or {"chosen_by": "the interrupted run" if "lr" in (s.opts.from_run or {})
+                                  else "--lr" if s.opts.lr else "bundle"})},
         "divergences": st.divergences, "lr_scale": st.lr_scale, "stop_message": s.stop_message,
         "resume": s.resume_info, "excluded_records": len(st.excluded),
         "skipped_records": s.train_ds.skipped + s.eval_ds.skipped,

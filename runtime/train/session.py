@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import bundle as B
+from .. import bundle as B, lr_range
 from ..checkpoints import CheckpointStore
 from ..data import Dataset, load_dataset, split
 from ..fsutil import UserError, atomic_path
@@ -66,6 +66,7 @@ class Session:
         self.resume_info: Optional[dict] = None
         self.stop_message: Optional[str] = None
         self.saved_at: Optional[int] = None      # step of the newest checkpoint this run wrote
+        self.lr_choice: Optional[dict] = None    # how the learning rate was chosen (no --lr: trials)
 
     # -- the run -----------------------------------------------------------------
     def run(self) -> dict:
@@ -90,6 +91,9 @@ class Session:
             self.trainer, self.train_ds, self.meters.memory, effective, self.budget_mb, self.log))
         self.planned = dict(st.plan)
         effective = int(st.plan["effective_batch"])           # a resumed run keeps its plan
+        if opts.lr is None and self.manifest.method.get("lr") is None and st.step == 0:
+            opts.lr = self._choose_lr(effective)
+            st.flags = resume.run_flags(opts, len(self.full_train))    # --resume takes the chosen rate
         total = planned_steps(opts, len(self.train_ds), effective)
         eval_batch = max(st.micro_batch, 16)
         if st.accuracy_before is None:
@@ -110,7 +114,7 @@ class Session:
     def _loop(self, total: Optional[int], effective: int, eval_batch: int) -> Tuple[str, int]:
         """Steps until a budget stops the run; returns why it stopped and the steps this process ran."""
         opts, st, meters = self.opts, self.state, self.meters
-        base_lr = float(opts.lr or self.manifest.method.get("lr", 1e-3))
+        base_lr = float(opts.lr or self.manifest.method.get("lr") or 1e-3)
         progress = report.Progress(total, opts.quiet)
         stop, last_step_j, run_steps = None, 0.0, 0
         meters.start_clock()
@@ -166,6 +170,26 @@ class Session:
         return stop, run_steps
 
     # -- its parts ---------------------------------------------------------------
+    def _choose_lr(self, effective: int) -> float:
+        """No --lr and none in the bundle: short trials of each candidate rate from the start state,
+        judged on a held-out slice of the training data (runtime/lr_range.py)."""
+        n, micro = len(self.train_ds), self.state.micro_batch
+        order = np.random.default_rng([self.opts.seed, 1]).permutation(n)
+        held, rest = order[: max(1, min(128, n // 10))], order[max(1, min(128, n // 10)):]
+        if len(rest) == 0:
+            return 1e-3
+
+        def step_batches(step: int):
+            idx = rest[batch_indices(step, len(rest), effective, self.opts.seed)]
+            return [self.train_ds.batch(idx[i:i + micro]) for i in range(0, len(idx), micro)]
+        held_out = [self.train_ds.batch(held[i:i + micro]) for i in range(0, len(held), micro)]
+        lr, table = lr_range.pick_lr(self.trainer, step_batches, held_out, log=self.log)
+        self.trainer.close_eval()
+        self.lr_choice = {"chosen_by": "trial", "trials": table, "held_out_examples": int(len(held))}
+        self.log(f"learning rate {lr:g}, chosen by {lr_range.TRIAL_STEPS}-step trials of "
+                 f"{', '.join(f'{c:g}' for c in lr_range.CANDIDATES)} (held-out training loss)")
+        return lr
+
     def _open(self, ckpt_path: Optional[Path]) -> None:
         """Load the trainable state of a checkpoint (None: the bundle's initial state); the
         onnxruntime session is created once and kept."""
