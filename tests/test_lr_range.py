@@ -23,3 +23,22 @@ def test_pick_lr_prefers_the_best_trial_and_restores_the_state(mlp_bundle, mlp_d
     assert trials[1e-2] < table[0]["held_out_loss"]
     assert all(np.array_equal(before[k], trainer.state.params[k]) for k in before)  # trials leave no trace
     assert trainer.state.updates == 0
+
+
+def test_adapt_without_lr_runs_the_trials_and_resume_keeps_the_pick(tmp_path, mlp_onnx, mlp_data):
+    import json
+    from conftest import run_cli
+    from taskedge.export.config import ExportConfig
+    from taskedge.export.exporter import export_bundle
+    export_bundle(ExportConfig(model=str(mlp_onnx), out=str(tmp_path / "b"), calib=str(mlp_data / "train.npz"),
+                               budget=0.05, num_classes=3), log=lambda m: None)      # no --lr stored
+    r = run_cli("adapt", tmp_path / "b", "--data", mlp_data / "train.npz", "--steps", 6, "--quiet", "--json")
+    assert r.returncode == 0, r.stderr
+    lr = json.loads(r.stdout)["lr"]
+    assert lr["chosen_by"] == "trial" and lr["peak"] in (1e-3, 3e-3, 1e-2, 3e-2)
+    assert [t["lr"] for t in lr["trials"]] == [None, 1e-3, 3e-3, 1e-2, 3e-2]
+    best = min(lr["trials"][1:], key=lambda t: t["held_out_loss"])
+    assert best["lr"] == lr["peak"]
+    r = run_cli("adapt", tmp_path / "b", "--resume", "--steps", 8, "--quiet", "--json")
+    again = json.loads(r.stdout)["lr"]
+    assert r.returncode == 0 and again == {"peak": lr["peak"], "chosen_by": "the interrupted run"}
