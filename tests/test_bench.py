@@ -1,5 +1,7 @@
-"""`taskedge bench` end to end at toy size: every variant in its own subprocess, MiniLM,
-batch 4, 3 steps. Asserts the report's structure and that every variant trained; never timing."""
+"""`taskedge bench` (tools/bench/) end to end at toy size: every variant in its own subprocess,
+MiniLM, batch 4, 3 steps; asserts the report's structure and that every variant trained, never
+timing. Plus its parts without workers: the target maths, the Markdown report, the flag checks,
+and that it trains on the runtime's schedule, data order and accuracy loop (defined once)."""
 import json
 import subprocess
 import sys
@@ -106,3 +108,91 @@ def test_bench_tiny_all_variants(tmp_path):
     md = (out / "bench.md").read_text()
     assert "| variant |" in md and "Targets" in md
     assert json.loads((out / "bench.json").read_text())["variants"].keys() == r["variants"].keys()
+
+
+def _row(family, engine, ms, mb, acc=None, upd=0, rounds=None, **kw):
+    r = {"family": family, "engine": engine, "step_ms_median": ms, "peak_rss_mb": mb, "accuracy": acc,
+         "update_bytes": upd, **kw}
+    if rounds:
+        r["step_ms_rounds"] = rounds
+    return r
+
+
+def test_targets_and_ratios_from_synthetic_results():
+    """targets.py without any worker: within-round time ratios, the met/missed rule per target kind,
+    the per-variant comparison fields, the primary variant's fallback."""
+    from taskedge.tools.bench import targets as T
+
+    res = {"infer": _row("infer", "infer", 100, 200, rounds=[100, 100, 50]),
+           "ort-full": _row("full", "ort", 400, 600, acc=0.80, upd=4000, rounds=[400, 400, 400]),
+           "ort-lora8": _row("lora", "ort", 250, 300, acc=0.70, upd=100, rounds=[250, 250, 250]),
+           "taskedge-0.1%": _row("taskedge", "step", 200, 300, acc=0.795, upd=10, rounds=[999, 200, 200],
+                                 checkpoint_bytes=20)}
+    ratio = T.time_ratio(res)
+    assert ratio("taskedge-0.1%", "infer") == 3.0            # median of 200/100 and 200/50, first run ignored
+    assert ratio("taskedge-0.1%", "ort-full") == 0.5
+    del res["infer"]["step_ms_rounds"]
+    assert T.time_ratio(res)("taskedge-0.1%", "infer") == 2.0    # no rounds: ratio of the medians
+    got = {t["target"]: (t["value"], t["met"]) for t in T.evaluate_targets(res, 4000)}
+    assert got == {"time_vs_infer": (2.0, True), "time_vs_lora": (0.8, True), "mem_vs_infer": (1.5, False),
+                   "mem_vs_full": (0.5, True), "ckpt_share": (0.005, True), "update_share": (0.0025, True),
+                   "acc_vs_full": (-0.005, True), "acc_vs_lora": (0.095, True)}
+    T.compare(res, 4000)
+    assert res["ort-lora8"]["x_ort_full_time"] == 0.625 and res["ort-lora8"]["x_infer_mem"] == 1.5
+    assert res["ort-full"]["update_share_of_model_bytes"] == 1.0
+    assert T.primary_variant(res) == "taskedge-0.1%"
+    res2 = {"ort-full": res["ort-full"], "taskedge-1%": res["taskedge-0.1%"]}
+    assert T.primary_variant(res2) == "taskedge-1%"
+    vision = T.evaluate_targets(res2, 4000, "taskedge-1%", model="vision")
+    assert [t["met"] for t in vision] == [False, None, None, None, True, True]   # no torch/infer peers: n/a
+
+
+def test_report_renders_profiles_and_skipped(tmp_path):
+    """report.py on a made-up report: every section, and the files it writes."""
+    from taskedge.tools.bench import report as R
+
+    v = dict(step_ms_median=12.5, x_ort_full_time=None, x_infer_time=1.0, peak_rss_mb=100.0, x_ort_full_mem=None,
+             x_infer_mem=1.0, trainable_params=0, optimizer_state_bytes=0, update_bytes=0,
+             update_share_of_model_bytes=0.0, accuracy=None, loss_first5_mean=None, loss_last5_mean=None,
+             family="infer")
+    r = {"title": "t", "quick": True, "seed": 0, "execution_provider": "CPUExecutionProvider", "threads": 2,
+         "batch": 4, "max_len": 48, "steps": 5, "measured_steps": 4, "rounds": 2, "timing_steps": 2,
+         "n_train": 8, "n_test": 4, "num_weights": 1000, "model_bytes": 4000,
+         "machine": {"cpus": 2, "loadavg_start": [1.0], "loadavg_end": [1.0]}, "warmup_lr_steps": 2,
+         "lr": {"taskedge": 1e-2, "lora": 2e-3, "full": 1e-4, "head": 1e-2}, "variants": {"infer": v},
+         "skipped": {"taskedge-0.1%": "budget too small"}, "primary": "taskedge-0.1%",
+         "targets": [{"target": "time_vs_infer", "text": "x", "limit": 2.2, "value": None, "met": None}],
+         "profiles": {"infer": [{"op": "MatMul", "ms_per_step": 3.0, "share": 0.5}]}, "wall_seconds": 1.0}
+    md = R.format_md(r)
+    assert "| infer | 12.5 |" in md and "**n/a** x: -" in md and "`taskedge-0.1%` (budget too small)" in md
+    assert "### infer" in md and "| MatMul | 3.0 | 50.0 % |" in md
+    R.write(r, tmp_path / "o", plot=False)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["bench.json", "bench.md"]
+
+
+def test_bench_refuses_bad_flags_before_building_anything(tmp_path):
+    from conftest import run_cli
+    for args, msg in ((["--variants", "infer,nope"], "unknown variant(s) ['nope']"),
+                      (["--rounds", "0"], "--rounds 0"), (["--quick", "--steps", "3"], "--steps 3")):
+        r = run_cli("bench", *args, "--out", tmp_path / "o", "--workdir", tmp_path / "w")
+        assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+    helped = subprocess.run([sys.executable, "-m", "taskedge.tools.bench", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--variants" in helped.stdout and "torch-taskedge-0.1%" in helped.stdout
+
+
+def test_bench_trains_on_the_runtimes_schedule_data_order_and_eval():
+    """Each concept is defined once: the bench's workers use the runtime's lr schedule, batch order
+    and accuracy loop and baselines.unscale_update; nothing under tools/bench re-implements them."""
+    from pathlib import Path
+    import re
+    import taskedge.tools.bench as pkg
+
+    src = {p.name: p.read_text() for p in Path(pkg.__file__).parent.glob("*.py")}
+    for name, text in src.items():
+        for pattern in (r"def \w*lr_at\b", r"def \w*batch_(idx|indices)\b", r"def \w*accuracy\b",
+                        r"def \w*unscale\w*", r"default_rng", r"argmax", r"^\s*import onnxruntime",
+                        r"^\s*from onnxruntime"):
+            assert not re.search(pattern, text, re.M), (name, pattern)
+    assert "from taskedge.runtime.adapt import accuracy, batch_indices, lr_at" in src["worker.py"]
+    assert "from taskedge.export.baselines import unscale_update" in src["ort_engines.py"]
