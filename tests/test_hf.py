@@ -121,8 +121,9 @@ def _gradients_match_ort(bundle, ref, man, data):
 
 @pytest.mark.parametrize("name,classes,exclude,kind", CASES)
 def test_export_adapt_merge(checkpoints, tmp_path, name, classes, exclude, kind):
-    """export (calibrated on task data) -> gradients as ORT-training's -> 3 adapt steps on the board
-    CLI -> the merged model's logits equal the eval graph's with the trained state."""
+    """export (calibrated on task data) -> gradients as ORT-training's -> 20 adapt steps on the board
+    CLI -> the merged model's logits equal the eval graph's with the trained state (1e-5) ->
+    --resume (10 + 10 steps) gives the straight run's update bit for bit."""
     from taskedge.runtime.evaluate import predict_onnx
     from taskedge.runtime.merge import merge
 
@@ -137,18 +138,24 @@ def test_export_adapt_merge(checkpoints, tmp_path, name, classes, exclude, kind)
     assert man.num_classes == (classes or 3) and man.update_params > 0 and man.preprocessing["kind"] == kind
     assert [s.name for s in man.inputs] == list(src.example)
     _gradients_match_ort(bundle, ref, man, data)
-    r = run_cli("adapt", bundle, "--data", tmp_path / "train.npz", "--steps", 3, "--batch-size", 8,
-                "--run-dir", tmp_path / "run", "--quiet", "--json")
+    adapt = ["--data", tmp_path / "train.npz", "--batch-size", 8, "--quiet", "--json"]
+    r = run_cli("adapt", bundle, *adapt, "--steps", 20, "--run-dir", tmp_path / "run")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["steps"] == 3
+    assert json.loads(r.stdout)["steps"] == 20
     merge(bundle, tmp_path / "merged.onnx", run_dir=str(tmp_path / "run"))
-    trainer = open_trainer(bundle, checkpoint=tmp_path / "run" / "ckpt-00000003")
+    trainer = open_trainer(bundle, checkpoint=tmp_path / "run" / "ckpt-00000020")
     assert any(np.abs(trainer.state.params[p]).max() > 0 for p in man.trainable_names if "delta" in p)
     batch = [data[s.name][:16] for s in man.inputs]
     want = trainer.eval_step(batch + [data["labels"][:16]])[1]
     got = predict_onnx(tmp_path / "merged.onnx", {s.name: x for s, x in zip(man.inputs, batch)})
     assert got.shape == (16, classes or 3)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # --resume: 10 steps, then resumed to 20, equals the straight 20
+    assert run_cli("adapt", bundle, *adapt, "--steps", 10, "--run-dir", tmp_path / "r2").returncode == 0
+    r = run_cli("adapt", bundle, "--resume", "--steps", 20, "--run-dir", tmp_path / "r2", "--quiet", "--json")
+    assert r.returncode == 0, r.stderr
+    a, b = np.load(tmp_path / "run" / "update.npz"), np.load(tmp_path / "r2" / "update.npz")
+    assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files)
 
 
 def test_preprocessing_and_tokenizer_recorded(checkpoints, tmp_path):
