@@ -144,7 +144,9 @@ class CheckpointStore:
         return ok
 
     def _remove(self, step: int) -> None:
-        for p in (self.path(step), self.record_path(self.path(step))):
+        # the record first: a kill in between leaves data without a record (a torn checkpoint that
+        # `latest` skips and the next prune removes), never a record without its data
+        for p in (self.record_path(self.path(step)), self.path(step)):
             with contextlib.suppress(OSError):
                 p.unlink()
         self._verified.pop(self.path(step).name, None)
@@ -196,7 +198,7 @@ class CheckpointStore:
 
     def clear(self) -> None:
         for step in set(self.steps()) | set(self._record_steps()):
-            for p in (self.path(step), self.record_path(self.path(step))):
+            for p in (self.record_path(self.path(step)), self.path(step)):     # record first, as in _remove
                 if p.exists():
                     p.unlink()
         self._verified.clear()
