@@ -203,7 +203,7 @@ def check_power(profile, root: str) -> Check:
 def _available_mb(root: str) -> float:
     if root not in ("", "/"):
         try:
-            text = Path(_under(root, "/proc/meminfo")).read_text()
+            text = Path(_under(root, "/proc/meminfo")).read_text(encoding="utf-8", errors="replace")
             for line in text.splitlines():
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) / 1024

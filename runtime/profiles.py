@@ -35,7 +35,7 @@ try:
 except ImportError:  # Python < 3.11
     import tomli as tomllib
 
-from .fsutil import UserError
+from .fsutil import UserError, one_line
 
 PACKAGE = "taskedge.device_profiles"
 SENSORS = ("ina3221", "nvml", "none")
@@ -207,7 +207,7 @@ def profile_to_toml(profile_dict: dict, comment: Optional[str] = None) -> str:
 
     Top-level scalars first, then each dict value as a [table]. "path" and None values
     are skipped (TOML has no null). `comment` lines go on top, e.g. the data source."""
-    lines = [f"# {c}".rstrip() for c in comment.splitlines()] if comment else []
+    lines = [f"# {one_line(c)}".rstrip() for c in comment.split("\n")] if comment else []  # TOML comments: no control chars
     items = [(k, v) for k, v in profile_dict.items() if k != "path" and v is not None]
     lines += [f"{_key(k)} = {_val(v)}" for k, v in items if not isinstance(v, dict)]
     for k, table in items:

@@ -98,7 +98,7 @@ def ina3221_channels(rails_glob: str, root: str = "/") -> Dict[str, Tuple[str, s
 
 
 def _read(path: str) -> str:
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:      # sysfs text; a bad byte must not crash
         return f.read().strip()
 
 

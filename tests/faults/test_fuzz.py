@@ -250,3 +250,41 @@ def test_empty_archive_is_one_line(tmp_path):
 def test_error_quoting_a_control_character_stays_one_line():
     rc, _, err = run(["profile", "show", "a/b\x1cc\u2028d"])   # \x1c and \u2028 split lines in Python
     assert rc == 2 and len(err.splitlines()) == 1 and "\\x1c" in err   # was two lines
+
+
+def test_probe_on_damaged_sysfs(request, tmp_path):
+    """probe on a fake Orin Nano tree (tests/test_probe.py) with one of its files damaged."""
+    from test_probe import orin_nano_tree
+
+    base = tmp_path / "base"
+    orin_nano_tree(base)
+    files = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file() and not p.is_symlink())
+
+    @fuzz_settings(30 * scale(request))
+    @given(st.data())
+    def case(data):
+        root = tmp_path / "root"
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.copytree(base, root, symlinks=True)
+        _flip(root / data.draw(st.sampled_from(files)), data)
+        out = tmp_path / "p.toml"
+        out.unlink(missing_ok=True)
+        argv = ["probe", "--root", root, "-o", out]
+        rc, _, err = run(argv)
+        oracle("probe on damaged sysfs", argv, rc, err)
+        if rc == 0:                                       # what it wrote is a profile the runtime loads
+            assert run(["profile", "show", out])[0] == 0
+    case()
+
+
+def test_probe_survives_bad_bytes_in_sysfs(tmp_path):
+    """Found by the fuzzing: an INA3221 label that is not UTF-8 (a traceback) and a device-tree
+    model with a control character (a TOML comment the reader refused)."""
+    from test_probe import orin_nano_tree
+    orin_nano_tree(tmp_path)
+    (tmp_path / "proc/device-tree/model").write_bytes(b"NVIDIA Jetson \x1bOrin\x00")
+    label = next(tmp_path.rglob("in1_label"))
+    label.write_bytes(b"\xc2VDD_IN\n")
+    rc, _, err = run(["probe", "--root", tmp_path, "-o", tmp_path / "p.toml"])
+    assert rc == 0, err
+    assert run(["profile", "show", tmp_path / "p.toml"])[0] == 0
