@@ -143,16 +143,21 @@ def _flip(path: Path, data) -> None:
     path.write_bytes(bytes(raw))
 
 
+def damaged_copy(src: Path, dest: Path, files, data) -> Path:
+    """A fresh copy of the folder `src` at `dest` with one of `files` damaged (`_flip`)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest, symlinks=True)
+    _flip(dest / data.draw(st.sampled_from(files)), data)
+    return dest
+
+
 def test_damaged_bundle_files(request, tmp_path, mlp_bundle, mlp_data):
     names = sorted(p.name for p in mlp_bundle.iterdir() if p.is_file())
 
     @fuzz_settings(30 * scale(request))
     @given(st.data())
     def case(data):
-        b = tmp_path / "b"
-        shutil.rmtree(b, ignore_errors=True)
-        shutil.copytree(mlp_bundle, b)
-        _flip(b / data.draw(st.sampled_from(names)), data)
+        b = damaged_copy(mlp_bundle, tmp_path / "b", names, data)
         for cmd in (["inspect", b], ["eval", b, "--data", mlp_data / "test.npz"],
                     ["merge", b, "--out", tmp_path / "m.onnx"]):
             rc, _, err = run(cmd)
@@ -189,10 +194,7 @@ def test_damaged_checkpoints_resume(request, tmp_path, mlp_bundle, mlp_data):
     @fuzz_settings(20 * scale(request))
     @given(st.data())
     def case(data):
-        r = tmp_path / "run"
-        shutil.rmtree(r, ignore_errors=True)
-        shutil.copytree(base, r)
-        _flip(r / data.draw(st.sampled_from(files)), data)
+        r = damaged_copy(base, tmp_path / "run", files, data)
         argv = ["adapt", mlp_bundle, "--run-dir", r, "--resume", "--steps", "6", "--quiet"]
         rc, _, err = run(argv)
         oracle("adapt --resume on damaged checkpoints", argv, rc, err)
@@ -263,10 +265,7 @@ def test_probe_on_damaged_sysfs(request, tmp_path):
     @fuzz_settings(30 * scale(request))
     @given(st.data())
     def case(data):
-        root = tmp_path / "root"
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.copytree(base, root, symlinks=True)
-        _flip(root / data.draw(st.sampled_from(files)), data)
+        root = damaged_copy(base, tmp_path / "root", files, data)
         out = tmp_path / "p.toml"
         out.unlink(missing_ok=True)
         argv = ["probe", "--root", root, "-o", out]
