@@ -1,0 +1,150 @@
+"""One CNN-bench variant in its own fresh process (`python -m taskedge.tools.bench --cnn-worker
+job.json`): for each learning rate of its sweep, a fresh start from the same state, the same
+steps on the runtime's data order and schedule (runtime.adapt.batch_indices / lr_at, constant after
+warm-up), then val and test accuracy. The rate with the best val accuracy is the variant's; its
+run gives the step time. Peak memory = max RSS of this process over the whole sweep (every run
+holds the same tensors). Prints one JSON line. Never imports torch (onnxruntime the runtime's way).
+
+Engines: `peer` = a cnn_peers folder (step.onnx on plain onnxruntime, numpy AdamW with the head at
+its own rate, or GaLore), `bundle` = a TaskEdge bundle run by the runtime's Trainer exactly as
+on the board (one rate for delta and head), with the scenario's head values when it has them.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .worker import load_npz, save_npz
+
+
+class PeerEngine:
+    def __init__(self, job: dict, lr: float):
+        from taskedge.runtime.optim import AdamW
+        from taskedge.runtime.trainer import open_session
+        folder = Path(job["artifacts"])
+        self.info = json.loads((folder / "peer.json").read_text())
+        self.session = open_session(folder / "step.onnx", job["threads"])
+        self.eval_path, self.threads, self._eval = folder / "eval.onnx", job["threads"], None
+        self.params = load_npz(folder / "init.npz")
+        head = set(self.info["head"])
+        self.lrs = {n: (job["head_lr"] if n in head and self.info["family"] != "probe" else lr) for n in self.params}
+        if job["family"] == "galore":
+            from .galore import GaLoreAdamW
+            self.opt = GaLoreAdamW(self.params, job["rank"], dense=head)
+        else:
+            self.adamw, self.t = AdamW(), 0
+            self.m = {n: np.zeros_like(a) for n, a in self.params.items()}
+            self.v = {n: np.zeros_like(a) for n, a in self.params.items()}
+            self.opt = None
+
+    def step(self, batch, scale: float) -> float:
+        out = self.session.run(None, {"pixels": batch[0], "labels": batch[1], **self.params})
+        grads = dict(zip(self.info["trainable"], out[2:]))
+        lrs = {n: lr * scale for n, lr in self.lrs.items()}
+        if self.opt is not None:
+            self.opt.step(self.params, grads, lrs)
+        else:
+            self.t += 1
+            for rate in sorted(set(lrs.values())):       # one AdamW call per learning rate group
+                group = [n for n in self.params if lrs[n] == rate]
+                self.adamw.step({n: self.params[n] for n in group}, grads, self.m, self.v, self.t, rate)
+        return float(out[0])
+
+    def logits(self, pixels, labels):
+        from taskedge.runtime.trainer import open_session
+        if self._eval is None:
+            self._eval = open_session(self.eval_path, self.threads)
+        return self._eval.run(None, {"pixels": pixels, "labels": labels, **self.params})[1]
+
+    def update(self) -> dict:
+        return dict(self.params)
+
+
+class BundleEngine:
+    def __init__(self, job: dict, lr: float):
+        from taskedge.runtime import bundle as B
+        from taskedge.runtime.trainer import Trainer, TrainState
+        folder = Path(job["artifacts"])
+        man = B.load_bundle(folder)
+        state = TrainState.initial(folder, man)
+        if job.get("head_init"):
+            from taskedge.export.head import HEAD_BIAS, HEAD_WEIGHT
+            h = load_npz(job["head_init"])
+            state.params[HEAD_WEIGHT] = h["weight"].reshape(state.params[HEAD_WEIGHT].shape).copy()
+            state.params[HEAD_BIAS] = h["bias"].reshape(state.params[HEAD_BIAS].shape).copy()
+        self.trainer = Trainer(folder, man, state, threads=job["threads"])
+        self.base_lr, self.folder = lr, folder
+
+    def step(self, batch, scale: float) -> float:
+        loss = self.trainer.train_step(batch)[0]
+        self.trainer.lr = self.base_lr * scale
+        self.trainer.optimizer_step()
+        return loss
+
+    def logits(self, pixels, labels):
+        return self.trainer.eval_step([pixels, labels])[1]
+
+    def update(self) -> dict:
+        return dict(self.trainer.state.params)
+
+
+def accuracy(engine, data: dict, batch: int = 100) -> float:
+    hits = 0
+    for i in range(0, len(data["labels"]), batch):
+        x, y = data["pixels"][i:i + batch], data["labels"][i:i + batch]
+        hits += int((engine.logits(x, y).argmax(-1) == y).sum())
+    return hits / len(data["labels"])
+
+
+def train(job: dict, lr: float, train_set: dict):
+    """A fresh engine trained `steps` steps at `lr`; (engine, step seconds, losses)."""
+    from taskedge.runtime.train.schedule import batch_indices, lr_at
+    engine = (BundleEngine if job["engine"] == "bundle" else PeerEngine)(job, lr)
+    times, losses, n = [], [], len(train_set["labels"])
+    for step in range(job["steps"]):
+        idx = batch_indices(step, n, job["batch"], job["seed"])
+        batch = [train_set["pixels"][idx], train_set["labels"][idx]]
+        scale = lr_at(step, job["steps"], 1.0, "constant", job["warmup"])
+        t0 = time.perf_counter()
+        losses.append(engine.step(batch, scale))
+        times.append(time.perf_counter() - t0)
+    return engine, times, losses
+
+
+def run_job(job: dict) -> dict:
+    import taskedge.runtime.ort  # noqa: F401  (onnxruntime without the torch probe)
+    from taskedge.runtime.telemetry import MemorySampler
+    sampler = MemorySampler(interval_ms=5).start()
+    data = {k: load_npz(job[k]) for k in ("train", "val", "test")}
+    sweep, best = [], None
+    for lr in job["lrs"]:
+        engine, times, losses = train(job, lr, data["train"])
+        finite = bool(np.isfinite(losses).all())
+        row = {"lr": lr, "val": accuracy(engine, data["val"]) if finite else 0.0,
+               "test": accuracy(engine, data["test"]) if finite else 0.0, "loss_last5": float(np.mean(losses[-5:])),
+               "step_ms": round(1000 * statistics.median(times[job["skip"]:]), 2)}
+        sweep.append(row)
+        if best is None or row["val"] > best[0]["val"]:
+            upd = Path(job["workdir"]) / f"update-{job['name']}.npz"
+            best = (row, save_npz(upd, engine.update()))
+        del engine
+        gc.collect()
+    peak = sampler.peak_mb()
+    sampler.stop()
+    row, update_bytes = best
+    if job["engine"] == "bundle":            # the allocation ships with the delta
+        update_bytes += (Path(job["artifacts"]) / "allocation.npz").stat().st_size
+    return {"name": job["name"], "lr": row["lr"], "accuracy": row["test"], "val_accuracy": row["val"],
+            "step_ms": row["step_ms"], "peak_rss_mb": round(peak, 1), "update_bytes": int(update_bytes),
+            "sweep": sweep, "torch_imported": "torch" in sys.modules}
+
+
+def cnn_worker_main(job_path: str) -> int:
+    print(json.dumps(run_job(json.loads(Path(job_path).read_text()))), flush=True)
+    return 0
