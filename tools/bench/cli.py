@@ -14,6 +14,9 @@ HELP = sys.modules[__package__].__doc__        # the package docstring: variants
 
 
 def cmd_bench(a) -> int:
+    if a.scenarios:
+        from .scenario_cli import cmd_scenarios
+        return cmd_scenarios(a)
     from taskedge.runtime.fsutil import UserError
     variants = a.variants.split(",") if a.variants else None
     if variants:
@@ -45,6 +48,8 @@ def _add_args(p) -> None:
     p.add_argument("--keep", action="store_true", help="keep the temp work dir")
     p.add_argument("--no-profile", action="store_true", help="skip ORT profiling of missed time targets")
     p.add_argument("--quiet", action="store_true")
+    from .scenario_cli import add_scenario_args
+    add_scenario_args(p)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
@@ -58,6 +63,9 @@ def register(sub) -> None:
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    if "--cnn-worker" in argv:
+        from .cnn_worker import cnn_worker_main
+        return cnn_worker_main(argv[argv.index("--cnn-worker") + 1])
     if "--worker" in argv:
         from .worker import worker_main
         p = argparse.ArgumentParser()
