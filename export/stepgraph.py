@@ -5,8 +5,8 @@ eval graph   inputs: model inputs, labels, trainable state      outputs: loss, l
 base graph   the frozen base inference model (with the new head); `merge` folds the update into it
 
 The frozen weights of all three are stored once, in `weights.bin`, as ONNX external data
-(page-aligned, so onnxruntime can map them); each graph file holds only its structure and
-small constants.
+(page-aligned, so onnxruntime can map them), the task's own constants in `task_weights.bin`;
+each graph file holds only its structure and small constants.
 """
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from taskedge.runtime.bundle import WEIGHTS, WeightEntry
+from taskedge.runtime.bundle import TASK_WEIGHTS, WEIGHTS, WeightEntry
 
 from .graph import GraphEdit
 from .lower import MS, lower, runs_on_plain_ort
 
 ALIGN = 4096
+TASK_ALIGN = 64                    # the task's small constants: cache-line aligned, no page padding
 INLINE_MAX_BYTES = 1024            # smaller constants stay in the graph file
 SAFE_USES = {("MatMul", 1), ("Gemm", 1), ("Gemm", 2), ("Conv", 1), ("Conv", 2), ("Gather", 0), ("Reshape", 0),
              ("GatherElements", 0), ("GatherElements", 1), ("ScatterElements", 0), ("ScatterElements", 1)}
@@ -97,13 +98,18 @@ def grad_names(step: onnx.ModelProto) -> List[str]:
     return [o.name for o in step.graph.output[2:]]
 
 
-def store_weights(models: List[onnx.ModelProto], folder: Path, everything_of: onnx.ModelProto) -> List[WeightEntry]:
-    """Move initializers into one shared, page-aligned `weights.bin`: every initializer of
-    `everything_of` (the base graph: merge rebuilds it from this file) and the larger ones of the
-    others. A tensor that several graphs hold under one name is written once. Returns the index."""
+def store_weights(models: List[onnx.ModelProto], folder: Path, everything_of: onnx.ModelProto,
+                  task_own: Sequence[str] = ()) -> List[WeightEntry]:
+    """Move initializers into two external-data files: `weights.bin` (page-aligned) holds the
+    pretrained model's frozen weights -- every initializer of `everything_of` (the base graph: merge
+    rebuilds it from these) but those named in `task_own` (the new head) -- in the base graph's
+    order, so every task exported from one model writes the same bytes (the base a board stores
+    once); `task_weights.bin` holds the task's own constants (the head's initial values and the
+    larger constants of the other graphs: indices, sparse-backward positions). A tensor that
+    several graphs hold under one name is written once. Returns the index."""
     chosen: Dict[str, onnx.TensorProto] = {}
     base_names = {t.name for t in everything_of.graph.initializer}
-    for model in models:
+    for model in [everything_of] + [m for m in models if m is not everything_of]:
         for t in model.graph.initializer:
             raw = numpy_helper.to_array(t)
             if model is not everything_of and raw.nbytes < INLINE_MAX_BYTES:
@@ -119,19 +125,20 @@ def store_weights(models: List[onnx.ModelProto], folder: Path, everything_of: on
     # (1.19.2 and 1.23.2). The others stay external data that each session reads itself.
     unsafe = {name for m in models for n in m.graph.node for i, name in enumerate(n.input)
               if (n.op_type, i) not in SAFE_USES}
-    index: List[WeightEntry] = []
+    own = set(task_own)
+    parts = {WEIGHTS: [n for n in chosen if n in base_names and n not in own]}
+    parts[TASK_WEIGHTS] = [n for n in chosen if n not in set(parts[WEIGHTS])]
     offsets: Dict[str, WeightEntry] = {}
-    with open(folder / WEIGHTS, "wb") as f:
-        for name, t in chosen.items():
-            a = np.ascontiguousarray(numpy_helper.to_array(t))
-            pad = (-f.tell()) % ALIGN
-            f.write(b"\0" * pad)
-            entry = WeightEntry(name=name, dtype=a.dtype.name, shape=list(a.shape), offset=f.tell(),
-                                nbytes=int(a.nbytes), base=name in base_names,
-                                share=name not in unsafe)
-            f.write(a.tobytes())
-            index.append(entry)
-            offsets[name] = entry
+    for file, names in parts.items():
+        align = ALIGN if file == WEIGHTS else TASK_ALIGN
+        with open(folder / file, "wb") as f:
+            for name in names:
+                a = np.ascontiguousarray(numpy_helper.to_array(chosen[name]))
+                f.write(b"\0" * ((-f.tell()) % align))
+                offsets[name] = WeightEntry(name=name, dtype=a.dtype.name, shape=list(a.shape), offset=f.tell(),
+                                            nbytes=int(a.nbytes), base=name in base_names,
+                                            share=name not in unsafe, file=file)
+                f.write(a.tobytes())
     for model in models:
         for t in model.graph.initializer:
             e = offsets.get(t.name)
@@ -142,7 +149,7 @@ def store_weights(models: List[onnx.ModelProto], folder: Path, everything_of: on
                 t.ClearField(field)
             del t.external_data[:]
             t.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", WEIGHTS), ("offset", str(e.offset)), ("length", str(e.nbytes))):
+            for k, v in (("location", e.file), ("offset", str(e.offset)), ("length", str(e.nbytes))):
                 entry = t.external_data.add()
                 entry.key, entry.value = k, v
-    return index
+    return list(offsets.values())

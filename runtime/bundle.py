@@ -6,10 +6,27 @@ A bundle is a folder:
     step_model.onnx        standard ONNX: (inputs, labels, trainable state) -> loss, logits, gradients
     eval_model.onnx        standard ONNX: (inputs, labels, trainable state) -> loss, logits
     base_model.onnx        the frozen base inference model (with the new head, if any)
-    weights.bin            the frozen weights of all three graphs, stored once (ONNX external data)
+    weights.bin            the pretrained model's frozen weights, shared by all three graphs (ONNX
+                           external data, page-aligned); the same bytes for every task of one model
+    task_weights.bin       the task's own constants of the graphs (selected indices, the head's
+                           initial values, sparse-backward positions); schema 3 on
     initial_state.npz      the trainable tensors' starting values (deltas, LoRA factors, head)
     allocation.npz         per layer: the selected input indices `<weight>` -> [rows, k]
     tokenizer.json         optional, for JSONL text data on the board
+
+Base and task (schema 3). `weights.bin` and `tokenizer.json` are the *base*: they depend on the
+pretrained model only, so every task exported from one model shares them. The base is named by
+its content, `base_id(manifest)` (sha256 over the base files' sha256s, which the manifest
+already lists). Everything else is the *task* (KB to MB); a task pack (tools/taskpack.py) is a
+bundle without its base files, and a board stores each base once (runtime/store.py).
+
+Task state (TASK_STATE, `state.npz`): what a trained task is, reusable by any consumer that
+holds the same allocation (a fleet round, another board, a backup). One .npz, no pickle:
+    <trainable name>      float32, one array per name of `Manifest.trainable_names`, the trained
+                          values (deltas / LoRA factors / head) -- the same arrays as update.npz
+    taskedge.allocation   0-d unicode string: `allocation_digest(manifest)` of the bundle it was
+                          trained on; two states can be averaged/swapped iff their digests match
+Read and write it with `read_task_state` / `task_state_bytes` only.
 
 Both sides import this module; it is defined once, here.
 """
@@ -22,25 +39,33 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
+
 from .fsutil import UserError, atomic_write_json, sha256_file
 
 SCHEMA = "taskedge.bundle"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Bundles written with these schema versions can be read by this runtime. Version 1 bundles held
 # ORT training artifacts (they needed onnxruntime-training on the board): export them again.
-COMPATIBLE_SCHEMA_VERSIONS = (2,)
+# Version 2 kept the task's constants in weights.bin too (no base/task split: no task packs).
+COMPATIBLE_SCHEMA_VERSIONS = (2, 3)
 
 MANIFEST = "manifest.json"
 STEP_MODEL = "step_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
 BASE_MODEL = "base_model.onnx"
 WEIGHTS = "weights.bin"
+TASK_WEIGHTS = "task_weights.bin"
 INITIAL_STATE = "initial_state.npz"
 ALLOCATION = "allocation.npz"
 TOKENIZER = "tokenizer.json"
 LABELS_INPUT = "labels"
 # Files the board opens by name: each must be listed (and hashed) in the manifest.
-REQUIRED_FILES = (STEP_MODEL, EVAL_MODEL, BASE_MODEL, WEIGHTS, INITIAL_STATE, ALLOCATION)
+REQUIRED_FILES = (STEP_MODEL, EVAL_MODEL, BASE_MODEL, WEIGHTS, TASK_WEIGHTS, INITIAL_STATE, ALLOCATION)
+# The base: files that depend only on the pretrained model (never in a task pack).
+BASE_FILES = (WEIGHTS, TOKENIZER)
+TASK_STATE = "state.npz"
+ALLOCATION_KEY = "taskedge.allocation"
 # The manifest's own checksum: sha256 of its canonical JSON without this key. Optional (older
 # bundles lack it); when present a bit flip anywhere in the manifest is detected.
 SELF_HASH = "manifest_sha256"
@@ -61,7 +86,7 @@ class TensorSpec:
 
 @dataclass
 class WeightEntry:
-    """One tensor in weights.bin (little-endian, C order)."""
+    """One tensor in weights.bin or task_weights.bin (`file`; little-endian, C order)."""
     name: str
     dtype: str
     shape: List[int]
@@ -70,6 +95,7 @@ class WeightEntry:
     base: bool = False              # an initializer of base_model.onnx (merge rebuilds the model from these)
     share: bool = True              # a weight-op weight: sessions share it (add_initializer); the rest each
                                     # session reads from weights.bin itself (see stepgraph.store_weights)
+    file: str = WEIGHTS             # WEIGHTS (the base) or TASK_WEIGHTS (the task's own)
 
 
 @dataclass
@@ -123,7 +149,7 @@ class Manifest:
     layers: List[LayerAllocation]
     update_params: int                            # trainable entries of the sparse update
     step: Optional[StepSpec] = None
-    weights: List[WeightEntry] = field(default_factory=list)  # index of weights.bin
+    weights: List[WeightEntry] = field(default_factory=list)  # index of weights.bin and task_weights.bin
     head: Optional[Dict[str, object]] = None      # {"params": [...], "size": n} when a new head was added
     preprocessing: Dict[str, object] = field(default_factory=dict)
     versions: Dict[str, str] = field(default_factory=dict)
@@ -178,6 +204,57 @@ class Manifest:
         d = self.to_dict()
         d[SELF_HASH] = manifest_digest(d)
         atomic_write_json(Path(folder) / MANIFEST, d)
+
+
+def required_files(manifest: Manifest):
+    """The files a bundle of this manifest's schema version must list (version 2 had no task_weights.bin)."""
+    return REQUIRED_FILES if manifest.schema_version >= 3 else tuple(n for n in REQUIRED_FILES if n != TASK_WEIGHTS)
+
+
+def base_id(manifest: Manifest) -> str:
+    """The content name of the manifest's base: sha256 over {base file: its sha256} (canonical JSON)."""
+    files = manifest.files if isinstance(manifest.files, dict) else {}
+    listed = {n: files[n].get("sha256") for n in BASE_FILES if isinstance(files.get(n), dict)}
+    return hashlib.sha256(json.dumps(listed, sort_keys=True).encode("ascii")).hexdigest()
+
+
+def allocation_digest(folder, manifest: Manifest) -> str:
+    """sha256 of what fixes a task state's meaning: each layer's weight, update path and selected
+    indices (allocation.npz, as int64), and the trainable tensors' names."""
+    h = hashlib.sha256()
+    layout = [[la.weight, la.op, la.formulation, la.rows, la.k, la.params, la.trained_rows] for la in manifest.layers]
+    h.update(json.dumps([layout, manifest.trainable_names, manifest.head_params]).encode("utf-8"))
+    with np.load(Path(folder) / ALLOCATION, allow_pickle=False) as z:
+        for name in sorted(z.files):
+            h.update(name.encode("utf-8") + b"\0" + np.ascontiguousarray(z[name], dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def task_state_bytes(params: Dict[str, "np.ndarray"], manifest: Manifest, digest: str) -> bytes:
+    """A task state file (see the module docstring): the trained tensors plus the allocation digest."""
+    import io
+    arrays = {n: np.asarray(params[n], dtype=np.float32) for n in manifest.trainable_names}
+    arrays[ALLOCATION_KEY] = np.array(digest)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def read_task_state(path, manifest: Manifest, digest: str) -> Dict[str, "np.ndarray"]:
+    """The trained tensors of a task state file, refused unless it was trained on this allocation."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            found = str(z[ALLOCATION_KEY][()]) if ALLOCATION_KEY in z.files else None
+            params = {n: z[n] for n in manifest.trainable_names if n in z.files}
+    except Exception as e:          # zipfile.BadZipFile, ValueError, OSError
+        raise BundleError(f"{path}: not a readable task state ({type(e).__name__}: {e})") from None
+    if found != digest:
+        raise BundleError(f"{path}: task state for allocation {str(found)[:12]}, this task's is {digest[:12]}; "
+                          "it was trained on another export: adapt this task again or use its own pack")
+    missing = [n for n in manifest.trainable_names if n not in params]
+    if missing:
+        raise BundleError(f"{path}: task state lacks trained tensor {missing[0]!r}; re-export the task")
+    return params
 
 
 def hash_files(folder, names) -> Dict[str, Dict[str, object]]:
@@ -243,7 +320,7 @@ def load_bundle(folder, verify: bool = True) -> Manifest:
     manifest = read_manifest(folder)
     if not isinstance(manifest.files, dict):
         raise BundleError(f"{folder / MANIFEST}: 'files' must map file names to their sha256")
-    names = set(REQUIRED_FILES) | ({TOKENIZER} if os.path.lexists(folder / TOKENIZER) else set())
+    names = set(required_files(manifest)) | ({TOKENIZER} if os.path.lexists(folder / TOKENIZER) else set())
     unlisted = sorted(n for n in names if n not in manifest.files)
     if unlisted:
         raise BundleError(f"{folder / MANIFEST}: does not list (and hash) {unlisted[0]!r}; the bundle is "

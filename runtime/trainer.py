@@ -86,12 +86,18 @@ def providers_for(device: str, preferred: Optional[List[str]] = None) -> List[st
     return chosen
 
 
-def map_weights(bundle_dir, entries: Sequence[B.WeightEntry]) -> Dict[str, np.ndarray]:
-    """Read-only arrays over one map of weights.bin (no copy; the pages are the file's)."""
-    data = np.memmap(Path(bundle_dir) / B.WEIGHTS, dtype=np.uint8, mode="r")
-    return {e.name: np.frombuffer(data, dtype=np.dtype(e.dtype).newbyteorder("<"), offset=e.offset,
-                                  count=int(np.prod(e.shape)) if e.shape else 1).reshape(e.shape)
-            for e in entries}
+def map_weights(bundle_dir, entries: Sequence[B.WeightEntry], mode: str = "r") -> Dict[str, np.ndarray]:
+    """Arrays over one map per weights file (weights.bin, task_weights.bin); no copy, the pages are
+    the file's. mode "r" read-only; "c" copy-on-write (a write copies only the pages it touches)."""
+    maps: Dict[str, np.ndarray] = {}
+    out = {}
+    for e in entries:
+        file = getattr(e, "file", B.WEIGHTS)
+        if file not in maps:
+            maps[file] = np.memmap(Path(bundle_dir) / file, dtype=np.uint8, mode=mode)
+        out[e.name] = np.frombuffer(maps[file], dtype=np.dtype(e.dtype).newbyteorder("<"), offset=e.offset,
+                                    count=int(np.prod(e.shape)) if e.shape else 1).reshape(e.shape)
+    return out
 
 
 def shared_weights(bundle_dir, manifest: B.Manifest) -> List[Tuple[str, object, np.ndarray]]:
