@@ -102,12 +102,3 @@ def normalise(grey: np.ndarray, model: str) -> np.ndarray:
     mean = np.array(IMAGENET_MEAN, np.float32)[None, :, None, None]
     std = np.array(IMAGENET_STD, np.float32)[None, :, None, None]
     return ((rgb - mean) / std).astype(np.float32)
-
-
-# name -> factory, input side, depthwise-separable?, title
-CNNS = {
-    "mobilenet_v2": dict(factory=f"{__name__}:mobilenet_v2", size=MOBILENET_SIZE, depthwise=True,
-                         title="ImageNet MobileNetV2 (depthwise-separable), 64x64"),
-    "onet": dict(factory=f"{__name__}:onet", size=ONET_SIZE, depthwise=False,
-                 title="MTCNN O-Net (standard convs, face-pretrained), 48x48"),
-}

@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cnn_nets import CNNS
 from .scenario_run import CNN_VARIANTS, FULL, QUICK, QUICK_VARIANTS, _log
-from .scenarios import SCENARIOS
+from .scenarios import CNNS, SCENARIOS
 
 
 def _names(allowed, what: str):

@@ -1,5 +1,5 @@
 """`taskedge bench --scenarios shift,new-classes`: the CNN study of "From LLMs to Edge" (arXiv
-2507.23536) on this runtime. For each CNN (cnn_nets.CNNS) and scenario (scenarios.py): the data,
+2507.23536) on this runtime. For each CNN (scenarios.CNNS) and scenario (scenarios.py): the data,
 the base ONNX, every variant's step graph (cnn_peers.py) or TaskEdge bundle (the exporter at its
 default budget and at 1 %), FLOPs counted from each step graph (flops.py), then one fresh worker
 process per variant (cnn_worker.py) sweeping its learning rates. Report: scenario_report.py.
@@ -89,8 +89,8 @@ def run_scenario(model: str, scenario: str, cfg: dict, variants: list, work: Pat
     from taskedge.export.ingest import ingest
     from taskedge.tools import demo_data as D
     import onnx
-    from .cnn_nets import CNNS
-    from .scenarios import CLASSES, prefit_head, scenario_data
+
+    from .scenarios import CLASSES, CNNS, prefit_head, scenario_data
 
     net, classes = CNNS[model], CLASSES[scenario]
     w = work / f"{model}-{scenario}"

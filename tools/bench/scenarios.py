@@ -19,6 +19,13 @@ from typing import Dict, Optional
 import numpy as np
 
 SCENARIOS = ("shift", "new-classes")
+# the CNNs (bench/cnn_nets.py): factory, input side, depthwise-separable?, title
+CNNS = {
+    "mobilenet_v2": dict(factory="taskedge.tools.bench.cnn_nets:mobilenet_v2", size=64, depthwise=True,
+                         title="ImageNet MobileNetV2 (depthwise-separable), 64x64"),
+    "onet": dict(factory="taskedge.tools.bench.cnn_nets:onet", size=48, depthwise=False,
+                 title="MTCNN O-Net (standard convs, face-pretrained), 48x48"),
+}
 CLASSES = {"shift": 10, "new-classes": 5}
 SPLIT_SEED = 0
 
