@@ -17,6 +17,9 @@ def cmd_bench(a) -> int:
     if a.scenarios:
         from .scenario_cli import cmd_scenarios
         return cmd_scenarios(a)
+    if a.selection_ablation:
+        from .ablation_cli import cmd_ablation
+        return cmd_ablation(a)
     from taskedge.runtime.fsutil import UserError
     variants = a.variants.split(",") if a.variants else None
     if variants:
@@ -50,6 +53,8 @@ def _add_args(p) -> None:
     p.add_argument("--quiet", action="store_true")
     from .scenario_cli import add_scenario_args
     add_scenario_args(p)
+    from .ablation_cli import add_ablation_args
+    add_ablation_args(p)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
