@@ -1,7 +1,9 @@
-"""Calibration: per-input-channel L2 norms of every weight-bearing op's input, via ONNX Runtime."""
+"""Calibration: per-input-channel L2 norms of every weight-bearing op's input, via ONNX Runtime.
+
+Sessions are built from the graph's structure with the weights fed as inputs (artifacts.structure):
+no copy of the model, and no 2 GB protobuf limit."""
 from __future__ import annotations
 
-import copy
 from typing import Dict, Iterable, List, Mapping
 
 import numpy as np
@@ -10,6 +12,7 @@ from taskedge.runtime.ort import onnxruntime as ort
 
 from taskedge.runtime.specs import cast_to_specs, check_arrays, graph_input_specs
 
+from .artifacts import frozen_feeds, structure
 from .layers import WeightOp
 
 
@@ -18,7 +21,7 @@ def activation_norms(model: onnx.ModelProto, ops: List[WeightOp],
                      progress=None) -> Dict[str, np.ndarray]:
     """Return {activation tensor name: ||X[:, j]||_2 over all calibration tokens/pixels}."""
     specs = graph_input_specs(model)
-    probe = copy.deepcopy(model)
+    probe, frozen = structure(model)
     existing = {o.name for o in probe.graph.output}
     wanted = []
     for op in ops:
@@ -31,6 +34,7 @@ def activation_norms(model: onnx.ModelProto, ops: List[WeightOp],
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep tensor names intact
     sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    weights = frozen_feeds(frozen)
     out_names = [o.name for o in sess.get_outputs()]
     axes = {op.activation: op.act_axis for op in ops}
     sumsq: Dict[str, np.ndarray] = {}
@@ -38,7 +42,7 @@ def activation_norms(model: onnx.ModelProto, ops: List[WeightOp],
     for i, batch in enumerate(batches):
         check_arrays(specs, batch, f"{source} (batch {i})")
         feed = cast_to_specs(specs, batch)
-        results = dict(zip(out_names, sess.run(out_names, feed)))
+        results = dict(zip(out_names, sess.run(out_names, {**feed, **weights})))
         results.update(feed)
         for name, axis in axes.items():
             x = np.asarray(results[name], dtype=np.float64)
@@ -55,7 +59,8 @@ def activation_norms(model: onnx.ModelProto, ops: List[WeightOp],
 def output_shapes(model: onnx.ModelProto, batch: Mapping[str, np.ndarray]) -> Dict[str, tuple]:
     """The float outputs' shapes on a real batch (symbolic shapes need not resolve)."""
     specs = graph_input_specs(model)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    skeleton, frozen = structure(model)
+    sess = ort.InferenceSession(skeleton.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    values = sess.run(names, cast_to_specs(specs, {s.name: batch[s.name] for s in specs}))
+    values = sess.run(names, {**cast_to_specs(specs, {s.name: batch[s.name] for s in specs}), **frozen_feeds(frozen)})
     return {n: tuple(v.shape) for n, v in zip(names, values) if np.asarray(v).dtype.kind == "f"}

@@ -16,8 +16,11 @@ def _op_forms(items: List[str]) -> Dict[str, str]:
 class ExportConfig:
     model: str = flag(help="an .onnx file, package.module:factory returning (module, example[, meta]), or "
                            "hf:FOLDER (a Hugging Face checkpoint folder: config.json + safetensors; needs "
-                           "transformers)", positional=True)
+                           "transformers; a ...ForCausalLM config or --gguf: next-token training on prompt/answer "
+                           "data)", positional=True)
     out: str = flag(help="bundle folder to write (replaced atomically)")
+    gguf: Optional[str] = flag(None, "a GGUF file in the hf:FOLDER to load (a causal LM, de-quantised to float32; "
+                                     "needs the gguf package)")
     calib: Optional[str] = flag(None, ".npz with arrays named after the model inputs (target-task data)")
     calib_batches: int = flag(8, "calibration batches", check=at_least(1))
     batch_size: int = flag(32, "calibration batch size", check=at_least(1))

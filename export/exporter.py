@@ -2,10 +2,8 @@
 -> standard-ONNX step/eval graphs + shared weights -> bundle."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime as _dt
-import logging
 import os
 import platform
 import shutil
@@ -25,6 +23,7 @@ from taskedge.runtime.optim import AdamW
 from taskedge.runtime.specs import check_arrays, graph_input_specs
 
 from . import importance as imp
+from .artifacts import build, generate_ort_artifacts, prepare_for_training  # noqa: F401 (baselines import these)
 from .calibrate import activation_norms, output_shapes
 from .gradients import gradient_magnitudes
 from .config import ExportConfig
@@ -63,6 +62,18 @@ def load_npz(path, what: str = "calibration data") -> Dict[str, np.ndarray]:
         raise UserError(f"{p}: not a readable .npz ({type(e).__name__}: {e})") from None
 
 
+def lm_calibration(path, meta: dict) -> Dict[str, np.ndarray]:
+    """A causal LM's calibration data: prompt/answer JSONL (encoded as the board will) or .npz."""
+    if not str(path).endswith((".jsonl", ".json")):
+        return load_npz(path)
+    from taskedge.runtime import lm
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Path(tmp, "tokenizer.json")
+        tok.write_text(meta["tokenizer_text"], encoding="utf-8")
+        ds = lm.load_jsonl(Path(path), lm.Encoder(tok, meta["preprocessing"]))
+    return {**ds.inputs, B.LABELS_INPUT: ds.labels}
+
+
 def calibration_batches(arrays: Dict[str, np.ndarray], names: List[str], batch_size: int,
                         max_batches: int) -> Iterator[Dict[str, np.ndarray]]:
     n = len(next(iter(arrays[x] for x in names)))
@@ -96,8 +107,9 @@ def validate(cfg: ExportConfig) -> Optional[tuple]:
 def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Manifest:
     t0 = time.perf_counter()
     nm = validate(cfg)
-    calib = load_npz(cfg.calib) if cfg.calib else None
-    src = ingest(cfg.model)
+    src = ingest(cfg.model, cfg.gguf)
+    lm = src.meta.get("task") == "causal_lm"
+    calib = (lm_calibration(cfg.calib, src.meta) if lm else load_npz(cfg.calib)) if cfg.calib else None
     model = src.model
     log(f"loaded {src.name}: {len(model.graph.node)} nodes, {len(model.graph.initializer)} initializers")
     if opset_of(model) < MIN_OPSET:
@@ -126,12 +138,17 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         raise UserError("no calibration data: give --calib DATA.npz with arrays named after the model inputs "
                         f"{[s.name for s in specs]}")
 
-    shapes = output_shapes(model, next(calibration_batches(calib, [s.name for s in specs], cfg.batch_size, 1)))
-    _, features = select_output(model, shapes, cfg.output, cfg.pool)
+    if lm:
+        if cfg.num_classes or cfg.head_only or cfg.output or cfg.pool:
+            raise UserError("a causal LM trains on next tokens: drop --num-classes/--head-only/--output/--pool")
+    else:
+        shapes = output_shapes(model, next(calibration_batches(calib, [s.name for s in specs], cfg.batch_size, 1)))
+        _, features = select_output(model, shapes, cfg.output, cfg.pool)
     head = add_head(model, cfg.num_classes, cfg.seed, features) if cfg.num_classes else None
     head_params = set(head["params"]) if head else set()
     num_weights = count_weights(model, exclude=head_params)
-    candidates = [op for op in find_weight_ops(model) if op.weight not in head_params]
+    frozen = head_params | set(src.meta.get("frozen", ()))       # a causal LM's embedding and LM head
+    candidates = [op for op in find_weight_ops(model) if op.weight not in frozen]
     for flag, pattern in [("--include", p) for p in cfg.include] + [("--exclude", p) for p in cfg.exclude]:
         if not filter_ops(candidates, [pattern]):
             raise UserError(f"{flag} {pattern!r} matches no layer or weight; names look like "
@@ -187,6 +204,10 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
     base = copy.deepcopy(model)
     table = insert_updates(model, ops, indices, cfg.formulation, cfg.lora_rank, cfg.seed, trained_rows)
     prepare_for_training(model)
+    loss_block = None
+    if lm:
+        from .causal_lm import answer_head, sequence_loss
+        loss_block = sequence_loss(answer_head(model))
     trainable = [p for row in table for p in row.params] + (list(head["params"]) if head else [])
     if not trainable:
         raise UserError("nothing to train: no selected layers and no new head")
@@ -194,7 +215,8 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
 
     manifest = B.Manifest(
         model_name=src.name, inputs=specs, logits=model.graph.output[0].name,
-        num_classes=int(cfg.num_classes or _num_classes(base)), num_weights=num_weights,
+        num_classes=int(src.meta["vocab_size"] if lm else cfg.num_classes or _num_classes(base)),
+        num_weights=num_weights,
         method={"name": "taskedge", "budget": cfg.budget, "k": int(k) if ops else 0,
                 "nm": list(nm) if nm else None, "selection": cfg.selection, "lora_rank": cfg.lora_rank, "head_only": cfg.head_only,
                 "neuron_share": share,
@@ -208,7 +230,8 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
     with staged_dir(cfg.out) as tmp:
         log(f"deriving the backward graph with ORT's gradient builder ({len(trainable)} trainable tensors)")
         t = time.perf_counter()
-        training, evaluation = _artifacts(model, trainable, cfg.ort_reference)
+        training, evaluation = build(model, trainable, cfg.ort_reference, loss_block, [manifest.logits] if lm else None,
+                                     structure_only=lm)
         if not cfg.dense_backward and indices:
             n = sparsify_backward(training, table, indices)
             log(f"sparse backward: {n} of {len(table)} layers compute their gradient at the used columns only")
@@ -224,8 +247,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
             f"in {time.perf_counter() - t:.1f}s")
         manifest.step = B.StepSpec(loss=loss, logits=manifest.logits, grads=grad_names(training),
                                    lowered_ops=counts, optimizer=AdamW().to_dict())
-        manifest.weights = store_weights([base, training, evaluation], tmp, everything_of=base,
-                                         task_own=head_params)
+        manifest.weights = store_weights([base, training, evaluation], tmp, everything_of=base)
         for name, graph in ((B.STEP_MODEL, training), (B.EVAL_MODEL, evaluation), (B.BASE_MODEL, base)):
             onnx.save(graph, str(tmp / name))
         np.savez(tmp / B.INITIAL_STATE, **{n: numpy_helper.to_array(values[n]) for n in trainable})
@@ -235,6 +257,9 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         tok = src.meta.get("tokenizer")
         if tok:
             shutil.copyfile(tok, tmp / B.TOKENIZER)
+        elif src.meta.get("tokenizer_text"):        # a causal LM's tokenizer, converted by transformers
+            (tmp / B.TOKENIZER).write_text(src.meta["tokenizer_text"], encoding="utf-8")
+        if (tmp / B.TOKENIZER).is_file():
             files.append(B.TOKENIZER)
         manifest.files = B.hash_files(tmp, files)
         manifest.save(tmp)
@@ -247,61 +272,3 @@ def _num_classes(model: onnx.ModelProto) -> int:
     dims = model.graph.output[0].type.tensor_type.shape.dim
     return int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") else 0
 
-
-def prepare_for_training(model: onnx.ModelProto) -> None:
-    """Make the graph differentiable by ORT's gradient builder.
-
-    LayerNormalization's gradient reads the saved Mean and InvStdDev, which torch.onnx
-    leaves out (they are optional outputs); name them so the backward pass can use them.
-    """
-    for i, node in enumerate(model.graph.node):
-        if node.op_type == "LayerNormalization" and len(node.output) == 1:
-            base = node.name or f"layernorm_{i}"
-            node.output.extend([f"{base}.taskedge_mean", f"{base}.taskedge_inv_std"])
-
-
-def generate_ort_artifacts(model: onnx.ModelProto, trainable: List[str], folder) -> None:
-    """ORT's gradient builder (host only): writes training_model.onnx, eval_model.onnx,
-    optimizer_model.onnx and checkpoint into `folder` with only `trainable` differentiated.
-    The bench's ORT-training peers run these files as they are; the exporter lowers them."""
-    import onnxruntime
-    from onnxruntime.training import artifacts
-
-    inits = {t.name for t in model.graph.initializer}
-    frozen = sorted(inits - set(trainable))
-    onnxruntime.set_default_logger_severity(3)
-    logging.getLogger().setLevel(logging.WARNING)
-    with _quiet_native_stderr():   # the builder logs every graph transformer at INFO level
-        artifacts.generate_artifacts(
-            model, requires_grad=trainable, frozen_params=frozen,
-            loss=artifacts.LossType.CrossEntropyLoss, optimizer=artifacts.OptimType.AdamW,
-            artifact_directory=str(folder), additional_output_names=[model.graph.output[0].name])
-
-
-def _artifacts(model: onnx.ModelProto, trainable: List[str], keep: Optional[str] = None):
-    """The training graph (forward + backward + loss) and the eval graph from ORT's builder;
-    the artifact files are kept in `keep` if given."""
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = keep or tmp
-        os.makedirs(folder, exist_ok=True)
-        generate_ort_artifacts(model, trainable, folder)
-        return onnx.load(os.path.join(folder, "training_model.onnx")), \
-            onnx.load(os.path.join(folder, "eval_model.onnx"))
-
-
-@contextlib.contextmanager
-def _quiet_native_stderr():
-    """Drop native INFO lines written to fd 2; replay anything else (warnings, errors)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as buf:
-        os.dup2(buf.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            buf.seek(0)
-            for line in buf.read().decode("utf-8", "replace").splitlines():
-                if "[I:onnxruntime" not in line and line.strip():
-                    print(line, file=sys.stderr)

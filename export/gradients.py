@@ -7,7 +7,6 @@ run with plain onnxruntime on each calibration batch (its labels are needed); th
 absolute values are summed per entry."""
 from __future__ import annotations
 
-import copy
 from typing import Dict, Iterable, List, Mapping
 
 import numpy as np
@@ -24,21 +23,24 @@ from .layers import WeightOp
 def gradient_magnitudes(model: onnx.ModelProto, ops: List[WeightOp], head_params: List[str],
                         batches: Iterable[Mapping[str, np.ndarray]]) -> Dict[str, np.ndarray]:
     """{weight name: sum over batches of |dL/dW|}, each shaped like the weight."""
-    from .exporter import _artifacts, prepare_for_training
+    from .artifacts import build, frozen_feeds, prepare_for_training, structure
     from .stepgraph import step_graph
-    m = copy.deepcopy(model)
-    prepare_for_training(m)
     weights = [op.weight for op in ops]
     trainable = weights + list(head_params)
-    training, _ = _artifacts(m, trainable)
+    m, frozen = structure(model, keep=trainable)       # a copy of the graph, not of the weights
+    prepare_for_training(m)
+    training, _ = build(m, trainable)
     specs = graph_input_specs(model)
     data = [s.name for s in specs] + [B.LABELS_INPUT]
     values = {t.name: t for t in m.graph.initializer}
-    step_graph(training, data, trainable, training.graph.output[0].name, m.graph.output[0].name, values)
+    step_graph(training, data + list(frozen), trainable, training.graph.output[0].name, m.graph.output[0].name,
+               values)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(training.SerializeToString(), so, providers=["CPUExecutionProvider"])
     params = {n: onnx.numpy_helper.to_array(values[n]) for n in trainable}
+    wanted = {i.name for i in sess.get_inputs()}
+    params.update({n: a for n, a in frozen_feeds(frozen).items() if n in wanted})
     total = {w: np.zeros_like(params[w]) for w in weights}
     for i, batch in enumerate(batches):
         if B.LABELS_INPUT not in batch:

@@ -1,5 +1,5 @@
 """Ingest: an ONNX file, a PyTorch module from `package.module:factory`, or a Hugging Face
-checkpoint folder `hf:PATH` (export/hf.py).
+checkpoint folder `hf:PATH` (export/hf.py; causal LMs and GGUF files: export/causal_lm.py).
 
 A factory returns `(module, example)` or `(module, example, meta)`: `example` is a
 tensor, a tuple of tensors, or a dict {input name: tensor}; `meta` may carry
@@ -81,15 +81,26 @@ def export_factory(spec: str) -> Source:
     return Source(model, meta.get("name", spec), meta, {n: _to_numpy(a) for n, a in zip(names, args)})
 
 
-def export_hf(spec: str) -> Source:
+def export_hf(spec: str, gguf: Optional[str] = None) -> Source:
+    from .causal_lm import export_causal_lm, is_causal_lm
     from .hf import export_hf as export
-    model, name, meta, example = export(spec[len("hf:"):], OPSET)
+    folder = Path(spec[len("hf:"):]).expanduser()
+    if gguf or is_causal_lm(folder):          # causal LMs: next-token training (export/causal_lm.py)
+        if not folder.is_dir():
+            raise UserError(f"{spec}: folder not found (give the folder holding the checkpoint or the GGUF file)")
+        if gguf and not (folder / gguf).is_file():
+            raise UserError(f"--gguf {gguf}: no such file in {folder}")
+        model, name, meta, example = export_causal_lm(folder, gguf, OPSET)
+    else:
+        model, name, meta, example = export(spec[len("hf:"):], OPSET)
     return Source(model, name, meta, example)
 
 
-def ingest(spec: str) -> Source:
+def ingest(spec: str, gguf: Optional[str] = None) -> Source:
     if spec.startswith("hf:"):
-        return export_hf(spec)
+        return export_hf(spec, gguf)
+    if gguf:
+        raise UserError(f"--gguf {gguf}: give the folder holding it as hf:FOLDER (got {spec!r})")
     if spec.endswith(".onnx") or os.path.sep in spec or os.path.exists(spec) or ":" not in spec:
         return Source(load_onnx(spec), Path(spec).stem)
     return export_factory(spec)

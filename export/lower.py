@@ -70,7 +70,8 @@ class Context:
         self.rank: Dict[str, int] = {}
         self.shape: Dict[str, list] = {}           # static dims where known (None for a symbolic one)
         try:
-            inferred = shape_inference.infer_shapes(model, strict_mode=False)
+            from .artifacts import structure     # the graph without its weights: no 2 GB limit
+            inferred = shape_inference.infer_shapes(structure(model)[0], strict_mode=False)
             for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
                 tt = vi.type.tensor_type
                 if tt.HasField("shape"):

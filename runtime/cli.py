@@ -1,7 +1,7 @@
 """`taskedge`: one command, one subcommand per step of the data flow.
 
 Host (needs the [host] extra): export, demo, bench, pack, flash.  Board: inspect, adapt, eval,
-merge, profiles, profile show, doctor, probe, unpack.  Every command registers here; host tools
+merge, generate, profiles, profile show, doctor, probe, unpack.  Every command registers here; host tools
 import their heavy dependencies only when they run.  Bad input prints one line and exits with
 status 2.
 """
@@ -168,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(fn=cmd_profile_show)
 
-    from . import doctor, probe
+    from . import doctor, generate, probe
     from taskedge.tools import bench, demo, pack       # host tools: heavy imports only inside their commands
-    for module in (demo, bench, pack, doctor, probe):
+    for module in (demo, bench, pack, doctor, probe, generate):
         module.register(sub)
     return p
 

@@ -227,6 +227,9 @@ def load_dataset(path, manifest: Manifest, bundle_dir, skip_bad: bool = False) -
     p = Path(path)
     if not p.exists():
         raise UserError(f"data not found: {p} (give an .npz, a .jsonl file or an image folder)")
+    from .lm import is_causal_lm, load as load_lm
+    if is_causal_lm(manifest):                      # prompt/answer records, labels [N, T] (runtime/lm.py)
+        return load_lm(p, manifest, Path(bundle_dir), skip_bad)
     if p.is_dir():
         return load_image_folder(p, manifest, skip_bad)
     if p.stat().st_size == 0:

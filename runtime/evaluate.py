@@ -29,6 +29,9 @@ def evaluate(bundle_dir, data, model: Optional[str] = None, update: Optional[str
     bundle_dir = Path(bundle_dir)
     manifest = B.load_bundle(bundle_dir)
     ds = load_dataset(data, manifest, bundle_dir)
+    from .lm import is_causal_lm
+    if is_causal_lm(manifest):
+        return _evaluate_lm(bundle_dir, manifest, ds, data, model, update, run_dir)
     if model:
         logits = predict_onnx(model, ds.inputs)
         evaluated = f"merged model {model}"
@@ -42,3 +45,22 @@ def evaluate(bundle_dir, data, model: Optional[str] = None, update: Optional[str
         evaluated = "bundle + trained update"
     acc = float((logits.argmax(-1) == ds.labels).mean())
     return {"accuracy": acc, "examples": len(ds), "evaluated": evaluated, "data": str(data)}
+
+
+def _evaluate_lm(bundle_dir: Path, manifest, ds, data, model, update, run_dir) -> dict:
+    """Exact-match accuracy and perplexity of a causal LM's answers (runtime/lm.py), batch by batch
+    (the full logits [B, T, V] of a whole set would not fit)."""
+    import tempfile
+    from .lm import at_labels, metrics
+    from .merge import merge
+    from .trainer import open_session
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model
+        if not path:
+            path = Path(tmp) / "merged.onnx"
+            merge(bundle_dir, path, update=update, run_dir=run_dir)
+        sess = open_session(path)
+        batches = (ds.batch(idx) for idx in ds.batches(8))
+        res = metrics((at_labels(sess.run(None, {"input_ids": b[0], "attention_mask": b[1]})[0], b[2]), b[2])
+                      for b in batches)
+    return {**res, "evaluated": f"merged model {model}" if model else "bundle + trained update", "data": str(data)}

@@ -255,6 +255,13 @@ class Session:
 
 
 def accuracy(trainer: Trainer, ds: Dataset, batch: int) -> float:
+    """Share of correct predictions; a causal LM's: share of exactly matched answers (runtime/lm.py)."""
+    from ..lm import is_causal_lm, metrics
+    if is_causal_lm(trainer.manifest):
+        parts = [ds.batch(idx) for idx in ds.batches(batch)]
+        result = metrics((trainer.eval_step(b)[1], b[-1]) for b in parts)
+        trainer.close_eval()
+        return result["accuracy"]
     correct = 0
     for idx in ds.batches(batch):
         logits = trainer.eval_step(ds.batch(idx))[1]
