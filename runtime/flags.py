@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import typing
 from typing import Any, Callable, Dict, Optional
@@ -54,6 +55,29 @@ def _checked(convert: Callable, check: Optional[Check]) -> Callable:
         return value
     parse.__name__ = getattr(convert, "__name__", "value")
     return parse
+
+
+def arg_type(convert: Callable, check: Optional[Check] = None) -> Callable:
+    """`type=` for a plain `add_argument`: convert (int, float, str, ...) and check where parsed,
+    with the same one-line error as a `flag()` field."""
+    return _checked(convert, check)
+
+
+def out_path(kind: str) -> Check:
+    """A path the command will create (kind "file" or "folder"): not an existing thing of the other
+    kind, and its nearest existing parent a writable folder -- checked before any work is done."""
+    def ok(text: str) -> bool:
+        if not text or "\0" in text or not text.isprintable():
+            return False
+        p = os.path.abspath(text)
+        if os.path.lexists(p) and os.path.isdir(p) != (kind == "folder"):
+            return False
+        where = p if os.path.isdir(p) else os.path.dirname(p)     # the folder written into
+        while not os.path.lexists(where):
+            where = os.path.dirname(where)
+        return os.path.isdir(where) and os.access(where, os.W_OK | os.X_OK)
+    return Check(ok, "cannot be written: give " + ("a file name (not a folder)" if kind == "file" else
+                                                   "a new or existing folder") + ", printable, in a writable folder")
 
 
 def flag(default: Any = _MISSING, help: str = "", *, choices=None, metavar: Optional[str] = None,

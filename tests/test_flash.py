@@ -94,11 +94,17 @@ def ssh(s, *cmd, timeout=120):
                            s["target"], *cmd], capture_output=True, text=True, timeout=timeout)
 
 
-def test_pack_flash_doctor_adapt(sshd, mlp_bundle, mlp_data, tmp_path):
-    t0 = time.time()
-    tar = tmp_path / "bundle.tar"
+@pytest.fixture(scope="module")
+def packed_tar(mlp_bundle, tmp_path_factory):
+    tar = tmp_path_factory.mktemp("pack") / "bundle.tar"
     r = run_cli("pack", mlp_bundle, "--profile", "host-cpu", "-o", tar, "--json")
     assert r.returncode == 0, r.stderr
+    return tar
+
+
+def test_pack_flash_doctor_adapt(sshd, packed_tar, mlp_data, tmp_path):
+    t0 = time.time()
+    tar = packed_tar
     board = tmp_path / "board"  # the fake board's install prefix
 
     flash = ["flash", tar, sshd["target"], "--port", sshd["port"], "--identity", sshd["key"],
@@ -137,11 +143,12 @@ def test_pack_flash_doctor_adapt(sshd, mlp_bundle, mlp_data, tmp_path):
     assert time.time() - t0 < 60
 
 
-def test_flash_errors(sshd, tmp_path):
+def test_flash_errors(sshd, packed_tar, tmp_path):
     r = run_cli("flash", tmp_path / "missing.tar", sshd["target"])
     assert r.returncode == 2 and "archive not found" in r.stderr
-    tar = tmp_path / "x.tar"
-    tar.write_bytes(b"")
-    r = run_cli("flash", tar, sshd["target"], "--port", _free_port(), "--identity", sshd["key"],
+    (tmp_path / "x.tar").write_bytes(b"")          # checked here, never copied
+    r = run_cli("flash", tmp_path / "x.tar", sshd["target"], "--port", _free_port())
+    assert r.returncode == 2 and "nothing was copied to the board" in r.stderr
+    r = run_cli("flash", packed_tar, sshd["target"], "--port", _free_port(), "--identity", sshd["key"],
                 "-o", f"UserKnownHostsFile={sshd['known_hosts']}", timeout=60)
     assert r.returncode == 255 and "ssh to" in r.stderr

@@ -141,9 +141,9 @@ def test_bad_input_is_one_line_and_writes_nothing(packed, mlp_bundle, tmp_path):
     out, _ = packed
     (tmp_path / "folder").mkdir()
     r = run_cli("pack", mlp_bundle, "--profile", "host-cpu", "-o", tmp_path / "folder")
-    assert one_line_error(r, "is a folder", "-o"), r.stderr
+    assert one_line_error(r, "not a folder", "-o"), r.stderr
     r = run_cli("pack", mlp_bundle, "--profile", "host-cpu", "-o", tmp_path / "x.tar", "--wheel", out)
-    assert one_line_error(r, "not a .whl file", "drop --wheel"), r.stderr
+    assert one_line_error(r, "not a taskedge-*.whl file", "drop --wheel"), r.stderr
     (tmp_path / "file").write_text("mine")
     r = run_cli("unpack", out, tmp_path / "file")
     assert one_line_error(r, "is not a folder"), r.stderr

@@ -140,14 +140,29 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def _profile_name(text: str) -> str:
+    """--profile is checked where it is parsed (not after minutes of export, in the adapt subprocess)."""
+    import argparse
+    from taskedge.runtime.fsutil import UserError, one_line
+    from taskedge.runtime.profiles import load_profile
+    try:
+        load_profile(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(one_line(e)) from None
+    return text
+
+
 def register(sub) -> None:
+    from taskedge.runtime.flags import arg_type, at_least, out_path
     d = sub.add_parser("demo", help="host+board story: export, adapt under a Jetson profile, eval, merge",
                        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     d.add_argument("--task", choices=sorted(TASKS), default="text", help="text (default) or vision")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--steps", type=int, help="override the task's step count")
-    d.add_argument("--profile", default="jetson-orin-nano-8gb", help="device profile for the budgets")
-    d.add_argument("--out", default="demo_out", help="working folder (bundles, data, merged model)")
+    d.add_argument("--seed", type=arg_type(int, at_least(0)), default=0, help="data split, head and order seed")
+    d.add_argument("--steps", type=arg_type(int, at_least(1)), help="override the task's step count")
+    d.add_argument("--profile", type=_profile_name, default="jetson-orin-nano-8gb",
+                   help="device profile for the budgets (name or .toml)")
+    d.add_argument("--out", default="demo_out", type=arg_type(str, out_path("folder")),
+                   help="working folder (bundles, data, merged model)")
     d.add_argument("--quick", action="store_true", help="smaller data and fewer steps (for tests)")
     d.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     d.set_defaults(fn=cmd_demo)

@@ -8,13 +8,28 @@ changed one is refused).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional
 
+from taskedge.runtime.flags import Check, arg_type
 from taskedge.runtime.fsutil import UserError
+
+PORT = Check(lambda v: 1 <= v <= 65535, "must be a TCP port, 1-65535")
+# what reaches ssh's command line or the board's shell: no control characters, no option look-alike
+TEXT = Check(lambda s: bool(s) and s.isprintable() and not s.startswith("-"),
+             "must be non-empty printable text not starting with '-'")
+# pip's console scripts start with a /bin/sh line that double-quotes the venv's python: a `$`, backquote,
+# quote or backslash in the prefix runs as shell there (found by the fuzzing: --prefix 'x/$(touch y)')
+PREFIX = Check(lambda s: TEXT.test(s) and re.fullmatch(r"[\w ./~+@,:=-]+", s) is not None,
+               "must be a plain path: letters, digits, spaces and . / ~ + @ , : = - _ only")
+TARGET = Check(lambda s: TEXT.test(s) and " " not in s and s.count("@") <= 1 and "" not in s.split("@"),
+               "must be user@host or host (no spaces, not starting with '-')")
+SSH_OPTION = Check(lambda s: s.isprintable() and re.fullmatch(r"[A-Za-z]+[ =]\S.*", s) is not None,
+                   "must be an ssh option KEY=VALUE, e.g. UserKnownHostsFile=FILE")
 
 SCRIPT = Path(__file__).with_name("flash.sh")
 
@@ -28,8 +43,9 @@ def flash_command(archive, target: str, port: int = 22, prefix: str = "~/taskedg
                         "(pip install -e .) or add tools/*.sh to the package data")
     if not Path(archive).is_file():
         raise UserError(f"archive not found: {archive} (make it with `taskedge pack BUNDLE --profile P -o FILE`)")
-    if not target or target.startswith("-"):
+    if not TARGET.test(target):
         raise UserError(f"give the board as user@host, not {target!r}")
+    check_archive(archive)
     if identity and not Path(identity).expanduser().is_file():
         raise UserError(f"identity file not found: {identity}")
     for tool in ("bash", "ssh", "scp"):
@@ -47,6 +63,24 @@ def flash_command(archive, target: str, port: int = 22, prefix: str = "~/taskedg
     if json_out:
         cmd.append("--json")
     return cmd + [str(archive), target]
+
+
+def check_archive(archive) -> None:
+    """Refuse, before anything is copied, an archive that install.sh would refuse on the board:
+    the same safe extraction and SHA256SUMS check (into a temp folder), and the installer members."""
+    import tempfile
+    from .pack import INSTALL, PROFILE, PackError, unpack
+    with tempfile.TemporaryDirectory(prefix="taskedge-flash-check-") as tmp:
+        try:
+            unpack(archive, Path(tmp) / "x")
+        except PackError as e:
+            raise UserError(f"{e} (nothing was copied to the board)") from None
+        root = Path(tmp) / "x"
+        missing = [m for m in (INSTALL, PROFILE, "installer/unpack.py", "bundle/manifest.json")
+                   if not (root / m).is_file()] + ([] if any((root / "wheels").glob("taskedge-*.whl")) else ["wheels/"])
+        if missing:
+            raise UserError(f"{archive}: not a `taskedge pack` archive (no {', '.join(missing)}); make it with "
+                            "`taskedge pack BUNDLE --profile P -o FILE` (nothing was copied to the board)")
 
 
 def flash(archive, target: str, json_out: bool = False, timeout: Optional[float] = None, **kw) -> dict:
@@ -82,19 +116,21 @@ def register(sub) -> None:
                                    "onnxruntime unless the venv already has one), then "
                                    "`taskedge doctor` with the packed profile. Exit status: the doctor's "
                                    "(0/1), 3 if the copy or install failed, 255 if ssh failed.")
-    f.add_argument("archive", help="the tar written by `taskedge pack`")
-    f.add_argument("target", help="user@host of the board")
-    f.add_argument("-p", "--port", type=int, default=22, help="ssh port (default 22)")
-    f.add_argument("--prefix", default="~/taskedge", help="install prefix on the board (default ~/taskedge)")
+    f.add_argument("archive", help="the tar written by `taskedge pack` (checked here before it is copied)")
+    f.add_argument("target", type=arg_type(str, TARGET), help="user@host of the board")
+    f.add_argument("-p", "--port", type=arg_type(int, PORT), default=22, help="ssh port (default 22)")
+    f.add_argument("--prefix", type=arg_type(str, PREFIX), default="~/taskedge",
+                   help="install prefix on the board (default ~/taskedge)")
     f.add_argument("-i", "--identity", help="ssh private key file")
-    f.add_argument("--python", default="python3", help="python on the board used to create the venv")
+    f.add_argument("--python", type=arg_type(str, TEXT), default="python3",
+                   help="python on the board used to create the venv")
     f.add_argument("--no-deps", action="store_true",
                    help="install the runtime wheel without dependencies or index (offline board whose "
                         "--python already has numpy, psutil and onnxruntime; use with --system-site-packages)")
     f.add_argument("--system-site-packages", action="store_true",
                    help="let the venv see --python's packages (e.g. NVIDIA's onnxruntime-gpu installed there; "
                         "the runtime is then installed without the CPU onnxruntime)")
-    f.add_argument("-o", "--ssh-option", action="append", metavar="OPTION",
+    f.add_argument("-o", "--ssh-option", action="append", metavar="OPTION", type=arg_type(str, SSH_OPTION),
                    help="extra ssh/scp -o option, e.g. UserKnownHostsFile=FILE (repeatable)")
     f.add_argument("--json", action="store_true", help="print the result and the doctor's report as JSON")
     f.set_defaults(fn=cmd_flash)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from taskedge.runtime import fsutil
+from taskedge.runtime.flags import arg_type, out_path
 from taskedge.runtime.fsutil import UserError, atomic_path, sha256_file
 from taskedge.tools import unpack as extractor
 
@@ -128,6 +129,21 @@ def build_wheel(out_dir, root: Optional[Path] = None, python: str = sys.executab
         return dest
 
 
+def check_wheel(path: Path) -> None:
+    """--wheel must be a taskedge wheel: a zip named taskedge-*.whl holding taskedge's METADATA."""
+    import zipfile
+    fix = "give the taskedge-*.whl that `pip wheel --no-deps .` writes, or drop --wheel to build one"
+    if not (path.is_file() and path.name.startswith("taskedge-") and path.name.endswith(".whl")):
+        raise PackError(f"--wheel {path}: not a taskedge-*.whl file; {fix}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise PackError(f"--wheel {path}: not a readable wheel ({e}); {fix}") from None
+    if not any(n.startswith("taskedge-") and n.endswith(".dist-info/METADATA") for n in names):
+        raise PackError(f"--wheel {path}: holds no taskedge-*.dist-info/METADATA (not a taskedge wheel); {fix}")
+
+
 def _profile_text(name: str):
     from taskedge.runtime.profiles import load_profile
     p = load_profile(name)
@@ -168,8 +184,8 @@ def pack(bundle, profile: str, out, wheel: Optional[str] = None,
     bundle, out = Path(bundle), Path(out)
     if out.is_dir():
         raise PackError(f"-o {out} is a folder; give the archive's file name, e.g. -o {out / 'bundle.tar'}")
-    if wheel and not (Path(wheel).is_file() and wheel.endswith(".whl")):
-        raise PackError(f"--wheel {wheel}: not a .whl file; drop --wheel to build one")
+    if wheel:
+        check_wheel(Path(wheel))
     manifest = load_bundle(bundle, verify=True)  # BundleError (a UserError) names the problem and fix
     prof, prof_text = _profile_text(profile)
     members = installer_files()
@@ -187,10 +203,14 @@ def pack(bundle, profile: str, out, wheel: Optional[str] = None,
         order = [INSTALL, PROFILE] + sorted(set(members) - {INSTALL, PROFILE})
         mtime = time.time()
         mode = "w:gz" if out.name.endswith((".tar.gz", ".tgz")) else "w"
-        with atomic_path(out) as t, tarfile.open(t, mode, format=tarfile.PAX_FORMAT) as tar:
-            _add(tar, SUMS, sums, mtime)
-            for name in order:
-                _add(tar, name, members[name], mtime)
+        try:
+            with atomic_path(out) as t, tarfile.open(t, mode, format=tarfile.PAX_FORMAT) as tar:
+                _add(tar, SUMS, sums, mtime)
+                for name in order:
+                    _add(tar, name, members[name], mtime)
+        except OSError as e:                  # the temp file is gone (atomic_path); nothing was renamed
+            raise PackError(f"-o {out}: cannot write the archive ({e.strerror or e}); give a path in a "
+                            "writable folder with room for it") from None
     log(f"wrote {out}")
     return {"out": str(out), "bytes": out.stat().st_size, "bundle": str(bundle), "model": manifest.model_name,
             "profile": prof.name, "wheel": whl.name, "members": len(members) + 1,
@@ -226,7 +246,8 @@ def register(sub) -> None:
                                    "`taskedge flash` or a manual copy to the board.")
     p.add_argument("bundle", help="bundle folder (from `taskedge export`)")
     p.add_argument("--profile", required=True, help="device profile name or .toml the board will use")
-    p.add_argument("-o", "--out", required=True, help="archive to write (.tar, or .tar.gz to compress)")
+    p.add_argument("-o", "--out", required=True, type=arg_type(str, out_path("file")),
+                   help="archive to write (.tar, or .tar.gz to compress)")
     p.add_argument("--wheel", help="use this prebuilt taskedge wheel instead of building one")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(fn=cmd_pack)

@@ -6,11 +6,15 @@ import argparse
 import json
 import sys
 
+from taskedge.runtime.flags import Check, Parser, arg_type, at_least, out_path
+
 from .report import format_md
 from .run import run_bench, stderr_log
 from .variants import FULL, MODELS, QUICK, VARIANTS
 
 HELP = sys.modules[__package__].__doc__        # the package docstring: variants and learning rates
+KNOWN_VARIANTS = Check(lambda s: all(v in VARIANTS for v in s.split(",")),
+                       "names an unknown variant; choose (comma-separated) from " + ", ".join(VARIANTS))
 
 
 def cmd_bench(a) -> int:
@@ -20,14 +24,7 @@ def cmd_bench(a) -> int:
     if a.selection_ablation:
         from .ablation_cli import cmd_ablation
         return cmd_ablation(a)
-    from taskedge.runtime.fsutil import UserError
     variants = a.variants.split(",") if a.variants else None
-    if variants:
-        bad = [v for v in variants if v not in VARIANTS]
-        if bad:
-            raise UserError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
-    if a.rounds is not None and a.rounds < 1:
-        raise UserError(f"--rounds {a.rounds}: give 1 (the training run only) or more")
     r = run_bench(a.model, a.quick, a.steps, a.seed, a.out, variants, a.workdir, a.keep, not a.no_profile,
                   log=(lambda m: None) if a.quiet else stderr_log, cfg_override={"rounds": a.rounds} if a.rounds else None)
     if a.json:
@@ -40,14 +37,17 @@ def cmd_bench(a) -> int:
 def _add_args(p) -> None:
     p.add_argument("--model", choices=sorted(MODELS), default="text", help="text (MiniLM, default) or vision")
     p.add_argument("--quick", action="store_true", help=f"{QUICK['steps']} steps, {QUICK['n_test']} test examples")
-    p.add_argument("--steps", type=int, help="override the step count")
-    p.add_argument("--rounds", type=int, help=f"timing rounds: the training run + N-1 timing-only runs of "
-                                              f"{FULL['timing_steps']} steps (default {FULL['rounds']}; "
-                                              f"--quick {QUICK['rounds']})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", help="comma-separated subset of: " + ", ".join(VARIANTS).replace("%", "%%"))
-    p.add_argument("--out", default="bench", help="folder for bench.md / bench.png / bench.json")
-    p.add_argument("--workdir", help="keep bundles/artifacts here (default: a temp dir, removed)")
+    p.add_argument("--steps", type=arg_type(int, at_least(1)), help="override the step count")
+    p.add_argument("--rounds", type=arg_type(int, at_least(1)),
+                   help=f"timing rounds: the training run + N-1 timing-only runs of {FULL['timing_steps']} steps "
+                        f"(default {FULL['rounds']}; --quick {QUICK['rounds']})")
+    p.add_argument("--seed", type=arg_type(int, at_least(0)), default=0)
+    p.add_argument("--variants", type=arg_type(str, KNOWN_VARIANTS),
+                   help="comma-separated subset of: " + ", ".join(VARIANTS).replace("%", "%%"))
+    p.add_argument("--out", default="bench", type=arg_type(str, out_path("folder")),
+                   help="folder for bench.md / bench.png / bench.json")
+    p.add_argument("--workdir", type=arg_type(str, out_path("folder")),
+                   help="keep bundles/artifacts here (default: a temp dir, removed)")
     p.add_argument("--keep", action="store_true", help="keep the temp work dir")
     p.add_argument("--no-profile", action="store_true", help="skip ORT profiling of missed time targets")
     p.add_argument("--quiet", action="store_true")
@@ -78,7 +78,6 @@ def main(argv=None) -> int:
         p.add_argument("--spec", required=True)
         a = p.parse_args(argv)
         return worker_main(a.worker, a.spec)
-    p = argparse.ArgumentParser(prog="taskedge bench", description=HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="taskedge bench", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_args(p)
     return cmd_bench(p.parse_args(argv))
