@@ -50,10 +50,12 @@ class LocalFleet:
         self.boards: List[dict] = []
         self.procs: Dict[str, subprocess.Popen] = {}
 
-    def add_board(self, bundle, data, profile: str = "host-cpu", env: Optional[Dict[str, str]] = None) -> str:
+    def add_board(self, bundle, data, profile: str = "host-cpu", env: Optional[Dict[str, str]] = None,
+                  eval_data=None) -> str:
         name = f"board{len(self.boards)}"
         self.boards.append({"name": name, "bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()),
-                            "profile": profile, "env": env or {}})
+                            "profile": profile, "env": env or {},
+                            "eval_data": str(Path(eval_data).resolve()) if eval_data else ""})
         return name
 
     def _spawn(self, name: str, cmd: List[str], env: Dict[str, str]) -> subprocess.Popen:
@@ -72,7 +74,7 @@ class LocalFleet:
     def start_board(self, board: dict) -> None:
         work_dir = self.work / board["name"]
         config = (f'bundle="{board["bundle"]}" data="{board["data"]}" profile="{board["profile"]}" '
-                  f'work-dir="{work_dir}"')
+                  f'work-dir="{work_dir}"' + (f' eval-data="{board["eval_data"]}"' if board["eval_data"] else ""))
         self._spawn(board["name"], [_bin("flower-supernode"), "--insecure", "--superlink", self.superlink,
                                     "--host", HOST, "--port", str(free_port()), "--node-config", config],
                     board["env"])

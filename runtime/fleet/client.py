@@ -56,7 +56,8 @@ def train_round(board: BoardConfig, global_state: Dict[str, np.ndarray], setting
     """Run the round's local steps; (trained state, adapt's report, training examples)."""
     manifest = B.load_bundle(board.bundle, verify=False)
     run_dir = Path(board.work_dir) / "run"
-    opts = AdaptOptions(data=board.data, profile=board.profile, power_mode=board.power_mode,
+    opts = AdaptOptions(data=board.data, eval_data=board.eval_data or None, profile=board.profile,
+                        power_mode=board.power_mode,
                         steps=int(settings["local-steps"]), batch_size=int(settings["batch-size"]),
                         lr=float(settings["lr"]), schedule="constant", warmup=0, run_dir=str(run_dir), fresh=True,
                         keep=1, checkpoint_every=10 ** 9, quiet=True, threads=board.threads,

@@ -57,6 +57,7 @@ class BoardConfig:
     """One board's `flower-supernode --node-config` (keys in kebab-case)."""
     bundle: str                   # its copy of the fleet's bundle
     data: str                     # its own training data (never leaves the board)
+    eval_data: str = ""           # its own held-out data for the local accuracy (default: 10 % of data)
     profile: str = "host-cpu"     # its device profile: memory and energy budgets of `adapt`
     work_dir: str = ""            # its run folder (default BUNDLE/fleet-board): checkpoints, AdamW moments
     power_mode: Optional[str] = None
