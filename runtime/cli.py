@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(fn=cmd_profile_show)
 
     from . import doctor, generate, probe
+    from .fleet import cli as fleet
     from taskedge.tools import bench, demo, pack       # host tools: heavy imports only inside their commands
-    for module in (demo, bench, pack, doctor, probe, generate):
+    for module in (demo, bench, pack, doctor, probe, generate, fleet):
         module.register(sub)
     return p
 
