@@ -39,6 +39,9 @@ s * W', see export/baselines.py; torch: a parameter group).
 #   targets.py       ratios between variants, the targets met or missed
 #   report.py        bench.json, bench.md, bench.png
 #   cli.py           `taskedge bench` and `python -m taskedge.tools.bench` (__main__.py)
+#   ablation.py      --selection-ablation: each --selection rule exported and adapted at the same budget,
+#                    steps and lr trials over seeds (issue 19); ablation_report.py its .md/.png/.json,
+#                    ablation_cli.py its flags
 # Importing the package loads neither torch nor onnxruntime.
 from __future__ import annotations
 
