@@ -7,7 +7,8 @@ On the demo task (default: ImageNet MobileNetV2 -> 10 digit classes, tools/demo.
 set is split among the clients by a Dirichlet(alpha) label skew; each client keeps 10 % of its
 shard as its own held-out set. Then, all scored on the same held-out test set:
   federated    `taskedge fleet` on a real Flower federation over loopback (tools/fleet_local.py):
-               a SuperLink and one SuperNode per client, R rounds of N local steps, FedAvg
+               a SuperLink and one SuperNode per client, TLS and SuperNode authentication on,
+               R rounds of N local steps, FedAvg
   local-only   each client alone: `adapt` for R x N steps on its own shard
   centralised  one `adapt` on all the clients' data for R x N x clients steps (the same total)
 Same bundle, batch, learning rate and constant schedule everywhere. Prints a table (or --json)
@@ -97,7 +98,7 @@ def federated(out: Path, prep: dict, a) -> dict:
     opts = FleetOptions(bundle=str(prep["bundle"]), state_dir=str(out / "fleet" / "server"), rounds=a.rounds,
                         local_steps=a.local_steps, lr=a.lr, batch_size=a.batch, min_clients=a.clients,
                         eval_data=str(out / "test.npz"), seed=a.seed).resolved()
-    with LocalFleet(out / "fleet") as fleet:
+    with LocalFleet(out / "fleet", secure=not a.insecure) as fleet:
         for i in range(a.clients):
             fleet.add_board(prep["bundle"], out / f"client{i}.npz", profile=a.profile,
                             eval_data=out / f"client{i}-heldout.npz")
@@ -199,6 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default="jetson-orin-nano-8gb")
     p.add_argument("--seed", type=arg_type(int, at_least(0)), default=0)
     p.add_argument("--plot", help="accuracy vs round PNG (default OUT/fleet_accuracy.png)")
+    p.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     r = run(a)

@@ -7,8 +7,10 @@ environment. For tests (tests/faults/test_fleet.py) and the experiment (tools/fl
         fleet.start()
         fleet.serve(FleetOptions(...))       # `flwr run` via runtime/fleet/launch.py
 
-Insecure (no TLS) on 127.0.0.1 only: a test network. Every process is started in its own session
-and stopped by its own process group id.
+On 127.0.0.1 only. Without `secure=True` (the fault tests): no TLS, any SuperNode may join. With it
+(the experiment): TLS with a throw-away CA and SuperNode authentication, each board's key
+registered with `flwr supernode register` before it starts. Every process is started in its own
+session and stopped by its own process group id.
 """
 from __future__ import annotations
 
@@ -41,8 +43,10 @@ def _bin(name: str) -> str:
 
 
 class LocalFleet:
-    def __init__(self, work: Path, env: Optional[Dict[str, str]] = None):
+    def __init__(self, work: Path, env: Optional[Dict[str, str]] = None, secure: bool = False):
         self.work = Path(work)
+        self.secure = secure                   # TLS + SuperNode authentication (tools/fleet_certs.py)
+        self.creds: Optional[dict] = None
         self.port = free_port()
         self.superlink = f"{HOST}:{self.port}"
         bin_dir = str(Path(sys.executable).parent)          # Flower starts its own helpers by name
@@ -68,27 +72,50 @@ class LocalFleet:
         return proc
 
     def start_superlink(self, env: Optional[Dict[str, str]] = None) -> None:
-        self._spawn("superlink", [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+        c = self.creds
+        tls = ["--ssl-ca-certfile", str(c["ca"]), "--ssl-certfile", str(c["cert"]), "--ssl-keyfile", str(c["key"]),
+               "--enable-supernode-auth"] if c else ["--insecure"]
+        self._spawn("superlink", [_bin("flower-superlink"), *tls, "--disable-runtime-dependency-installation",
                                   "--host", HOST, "--port", str(self.port)], env or {})
 
-    def start_board(self, board: dict) -> None:
+    def register(self, i: int) -> None:
+        """`flwr supernode register` of board i's public key: only registered boards may connect."""
+        home = launch.write_connection(self.work / "homes" / "admin", self.superlink, False, str(self.creds["ca"]))
+        r = subprocess.run([_bin("flwr"), "supernode", "register", str(self.creds["boards"][i][1]), launch.CONNECTION],
+                           env={**self.env, "FLWR_HOME": str(home)}, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"flwr supernode register failed: {r.stdout[-500:]} {r.stderr[-500:]}")
+
+    def start_board(self, i: int) -> None:
+        board = self.boards[i]
         work_dir = self.work / board["name"]
         config = (f'bundle="{board["bundle"]}" data="{board["data"]}" profile="{board["profile"]}" '
                   f'work-dir="{work_dir}"' + (f' eval-data="{board["eval_data"]}"' if board["eval_data"] else ""))
-        self._spawn(board["name"], [_bin("flower-supernode"), "--insecure", "--superlink", self.superlink,
+        c = self.creds
+        tls = ["--root-certificates", str(c["ca"]), "--auth-supernode-private-key", str(c["boards"][i][0])] if c \
+            else ["--insecure"]
+        self._spawn(board["name"], [_bin("flower-supernode"), *tls, "--superlink", self.superlink,
                                     "--host", HOST, "--port", str(free_port()), "--node-config", config],
                     board["env"])
 
     def start(self, timeout: float = 120.0) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
+        if self.secure:
+            from taskedge.tools import fleet_certs
+            self.creds = fleet_certs.make(self.work / "credentials", len(self.boards), HOST)
         self.start_superlink()
-        for board in self.boards:
-            self.start_board(board)
+        if not self.secure:                    # no registration to wait for: start the boards alongside
+            for i in range(len(self.boards)):
+                self.start_board(i)
         deadline = time.time() + timeout
         while not self._listening():
             if time.time() > deadline or self.procs["superlink"].poll() is not None:
                 raise RuntimeError(f"SuperLink did not come up on {self.superlink}; see {self.work}/superlink.log")
             time.sleep(0.2)
+        if self.secure:
+            for i in range(len(self.boards)):
+                self.register(i)
+                self.start_board(i)
 
     def _listening(self) -> bool:
         with socket.socket() as s:
@@ -98,7 +125,8 @@ class LocalFleet:
     def serve(self, opts: FleetOptions, timeout: Optional[float] = None, stream: bool = True):
         """`flwr run` of the fleet app, its log captured (stream=False: return once submitted). The
         ServerApp runs in the SuperLink's environment, where a test sets its fault hooks."""
-        return launch.run(opts, self.superlink, insecure=True, timeout=timeout, echo=False, stream=stream)
+        return launch.run(opts, self.superlink, insecure=not self.creds, timeout=timeout, echo=False, stream=stream,
+                          root_certificates=str(self.creds["ca"]) if self.creds else None)
 
     def stop(self, name: Optional[str] = None, sig=signal.SIGTERM) -> None:
         for key in [name] if name else list(self.procs):
