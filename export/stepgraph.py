@@ -19,6 +19,7 @@ from onnx import numpy_helper
 
 from taskedge.runtime.bundle import TASK_WEIGHTS, WEIGHTS, WeightEntry
 
+from .backward_act import clip_grads_from_output
 from .graph import GraphEdit
 from .lower import MS, lower, runs_on_plain_ort
 
@@ -78,9 +79,11 @@ def step_graph(training: onnx.ModelProto, data_inputs: List[str], trainable: Lis
     for p, gname in zip(trainable, grads):
         g.output.append(onnx.helper.make_tensor_value_info(gname, onnx.TensorProto.FLOAT, None))
     edit.commit()
+    clip_grads_from_output(training)
     _feed_frozen(training, list(data_inputs) + list(trainable), values)
     counts = lower(training)
     _clean_opsets(training)
+    _drop_hints(training)
     leftover = sorted({n.op_type for n in g.node if not runs_on_plain_ort(n)})
     if leftover:
         raise ValueError(f"step graph: non-standard ops left after lowering: {leftover}")
@@ -92,6 +95,41 @@ def eval_graph(evaluation: onnx.ModelProto, data_inputs: List[str], trainable: L
     """ORT's eval graph (forward + loss) with the frozen weights fed as initializers, in place."""
     _feed_frozen(evaluation, list(data_inputs) + list(trainable), values)
     _clean_opsets(evaluation)
+    _drop_hints(evaluation)
+
+
+def _drop_hints(model: onnx.ModelProto) -> None:
+    """Shape hints, doc strings and long generated names: onnxruntime infers the shapes itself, and a
+    task pack carries every byte of its graphs (MiniLM's step graph: 450 -> ~180 kB). Graph inputs,
+    outputs, initializers and TaskEdge's own names (`taskedge` in them) are kept; the names ORT's
+    gradient builder and the exporter generated become short ones."""
+    g = model.graph
+    del g.value_info[:]
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return                                          # subgraphs see outer names: leave names alone
+    keep = {i.name for i in g.input} | {o.name for o in g.output} | {t.name for t in g.initializer}
+    short: Dict[str, str] = {}
+    for n in g.node:
+        n.doc_string = ""
+        if "taskedge" not in n.name:
+            n.name = ""
+        for i, name in enumerate(n.output):
+            if name and name not in keep and "taskedge" not in name:
+                n.output[i] = short.setdefault(name, f"_{len(short):x}")
+        for i, name in enumerate(n.input):
+            n.input[i] = short.get(name, name)
+
+
+def _index_only(models: List[onnx.ModelProto]) -> set:
+    """Initializers used only as the indices of Gather/GatherElements/ScatterElements, which take int32
+    as well as int64: stored as int32 they take half the bytes of a task pack."""
+    uses: Dict[str, set] = {}
+    for m in models:
+        for n in m.graph.node:
+            for i, name in enumerate(n.input):
+                uses.setdefault(name, set()).add((n.op_type, i))
+    ok = {("Gather", 1), ("GatherElements", 1), ("ScatterElements", 1)}
+    return {name for name, u in uses.items() if u <= ok}
 
 
 def grad_names(step: onnx.ModelProto) -> List[str]:
@@ -126,6 +164,8 @@ def store_weights(models: List[onnx.ModelProto], folder: Path, everything_of: on
     unsafe = {name for m in models for n in m.graph.node for i, name in enumerate(n.input)
               if (n.op_type, i) not in SAFE_USES}
     own = set(task_own)
+    narrow = {n for n in _index_only(models) if n in chosen and n not in base_names
+              and chosen[n].data_type == onnx.TensorProto.INT64}
     parts = {WEIGHTS: [n for n in chosen if n in base_names and n not in own]}
     parts[TASK_WEIGHTS] = [n for n in chosen if n not in set(parts[WEIGHTS])]
     offsets: Dict[str, WeightEntry] = {}
@@ -134,6 +174,8 @@ def store_weights(models: List[onnx.ModelProto], folder: Path, everything_of: on
         with open(folder / file, "wb") as f:
             for name in names:
                 a = np.ascontiguousarray(numpy_helper.to_array(chosen[name]))
+                if name in narrow and a.size and np.abs(a).max() < 2 ** 31:
+                    a = a.astype(np.int32)
                 f.write(b"\0" * ((-f.tell()) % align))
                 offsets[name] = WeightEntry(name=name, dtype=a.dtype.name, shape=list(a.shape), offset=f.tell(),
                                             nbytes=int(a.nbytes), base=name in base_names,
@@ -149,6 +191,7 @@ def store_weights(models: List[onnx.ModelProto], folder: Path, everything_of: on
                 t.ClearField(field)
             del t.external_data[:]
             t.data_location = onnx.TensorProto.EXTERNAL
+            t.data_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(e.dtype))
             for k, v in (("location", e.file), ("offset", str(e.offset)), ("length", str(e.nbytes))):
                 entry = t.external_data.add()
                 entry.key, entry.value = k, v

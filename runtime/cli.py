@@ -12,6 +12,7 @@ import json
 import sys
 from typing import List, Optional
 
+from . import taskflags
 from .options import AdaptOptions
 from .flags import Parser, add_flags, from_flags, given
 from .fsutil import UserError, one_line
@@ -47,7 +48,9 @@ def cmd_inspect(a) -> int:
 
 def cmd_adapt(a) -> int:
     from .adapt import adapt, options
-    report = adapt(a.bundle, options(a.bundle, given(AdaptOptions, a)))      # a flag not given is absent from `a`
+    bundle, _ = taskflags.resolve(a)
+    report = adapt(bundle, options(bundle, given(AdaptOptions, a)))      # a flag not given is absent from `a`
+    taskflags.after_adapt(a, report)
     if getattr(a, "json", False):
         _print_json(report)
     else:
@@ -64,7 +67,9 @@ def cmd_adapt(a) -> int:
 
 def cmd_eval(a) -> int:
     from .evaluate import evaluate
-    res = evaluate(a.bundle, a.data, model=a.model, update=a.update, run_dir=a.run_dir)
+    bundle, update = taskflags.resolve(a)
+    res = evaluate(bundle, a.data, model=a.model, update=update, run_dir=a.run_dir)
+    taskflags.after_eval(a, res)
     _print_json(res) if a.json else print(f"accuracy {res['accuracy']:.4f} on {res['examples']} examples "
                                           f"({res['evaluated']})")
     return 0
@@ -72,7 +77,8 @@ def cmd_eval(a) -> int:
 
 def cmd_merge(a) -> int:
     from .merge import merge
-    res = merge(a.bundle, a.out, update=a.update, run_dir=a.run_dir)
+    bundle, update = taskflags.resolve(a)
+    res = merge(bundle, a.out, update=update, run_dir=a.run_dir)
     _print_json(res) if a.json else print(f"wrote {res['out']} ({res['bytes']} bytes, "
                                           f"{res['layers_merged']} layers merged)")
     return 0
@@ -138,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=ADAPT_EXAMPLES)
     ad.add_argument("bundle")
     add_flags(ad, AdaptOptions)
+    taskflags.add(ad)
     ad.add_argument("--json", action="store_true", help="print the final report as JSON")
     ad.set_defaults(fn=cmd_adapt)
 
@@ -148,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--update", help="update.npz (default: newest checkpoint of the run)")
     ev.add_argument("--run-dir")
     ev.add_argument("--json", action="store_true")
+    taskflags.add(ev)
     ev.set_defaults(fn=cmd_eval)
 
     mg = sub.add_parser("merge", help="fold the update into the weights: a plain inference .onnx")
@@ -156,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--update", help="update.npz (default: newest checkpoint of the run)")
     mg.add_argument("--run-dir")
     mg.add_argument("--json", action="store_true")
+    taskflags.add(mg)
     mg.set_defaults(fn=cmd_merge)
 
     pl = sub.add_parser("profiles", help="list the device profiles")
@@ -168,10 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(fn=cmd_profile_show)
 
-    from . import doctor, generate, probe
+    from . import doctor, generate, probe, serve
     from .fleet import cli as fleet
-    from taskedge.tools import bench, demo, pack       # host tools: heavy imports only inside their commands
-    for module in (demo, bench, pack, doctor, probe, generate, fleet):
+    from taskedge.tools import bench, demo, pack, taskpack      # host tools: heavy imports only inside commands
+    for module in (demo, bench, pack, doctor, probe, generate, fleet, taskpack, serve):
         module.register(sub)
     return p
 

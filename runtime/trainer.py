@@ -109,8 +109,10 @@ def shared_weights(bundle_dir, manifest: B.Manifest) -> List[Tuple[str, object, 
 
 
 def open_session(path, threads: int = 0, providers: Optional[List[str]] = None,
-                 profile_prefix: Optional[str] = None, initializers=()) -> ort.InferenceSession:
+                 profile_prefix: Optional[str] = None, initializers=(), config=None) -> ort.InferenceSession:
     so = session_options(threads, profile_prefix)
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     for name, value, _ in initializers:
         so.add_initializer(name, value)
     try:
