@@ -10,9 +10,10 @@ pytest.importorskip("torch")
 
 def test_quick_ablation_runs_every_rule_at_the_same_budget(tmp_path, capsys):
     from taskedge.tools.bench.cli import main
-    out = tmp_path / "abl"
-    assert main(["--selection-ablation", "--quick", "--tasks", "digits-new", "--seeds", "2", "--steps", "15",
-                 "--out", str(out), "--json", "--quiet"]) == 0
+    out, work = tmp_path / "abl", tmp_path / "work"
+    argv = ["--selection-ablation", "--quick", "--tasks", "digits-new", "--seeds", "2", "--steps", "10",
+            "--workdir", str(work), "--out", str(out), "--json", "--quiet"]
+    assert main(argv) == 0
     r = json.loads(capsys.readouterr().out)
     assert {p.name for p in out.iterdir()} >= {"ablation.md", "ablation.json"}
     t = r["tasks"]["digits-new"]
@@ -33,6 +34,15 @@ def test_quick_ablation_runs_every_rule_at_the_same_budget(tmp_path, capsys):
     assert j["taskedge"]["random"] < 0.2 and j["taskedge"]["gradient"] < 1.0
     md = (out / "ablation.md").read_text()
     assert "| digits-new |" in md and "Jaccard" in md
+    # the work folder records every run: asked again (here for two rules), nothing is re-run
+    records = sorted((work / "digits-new" / "runs").glob("*.json"))
+    assert len(records) == 10
+    stamps = [p.stat().st_mtime_ns for p in records]
+    assert main(argv + ["--selections", "random,taskedge"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["selections"] == ["taskedge", "random"]
+    assert again["tasks"]["digits-new"]["runs"]["random"] == t["runs"]["random"]
+    assert [p.stat().st_mtime_ns for p in records] == stamps
 
 
 def test_jaccard_and_paired_summary():

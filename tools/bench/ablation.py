@@ -18,6 +18,7 @@ between rules at the same seed (mean over seeds). Files: ablation.md, ablation.j
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -47,7 +48,7 @@ class Task:
 
 TASKS = {
     "text": Task("all-MiniLM-L6-v2 -> Rotten Tomatoes sentiment (new 2-class head)",
-                 "taskedge.tools.demo_models:minilm_sentiment", ("text", 2000, 1000), 2, 0.001, 100, 16),
+                 "taskedge.tools.demo_models:minilm_sentiment", ("text", 2000, 500), 2, 0.001, 100, 16),
     "vision": Task("ImageNet MobileNetV2 -> handwritten digits, 64x64 (new 10-class head)",
                    "taskedge.tools.demo_models:mobilenet_v2_digits", ("digits", "imagenet"), 10, 0.01, 100, 32),
     "digits-shift": Task("digits CNN pretrained on clean 0-4 -> unseen 0-4 rotated, noisy, low-contrast "
@@ -68,19 +69,21 @@ def task_table(quick: bool) -> Dict[str, Task]:
 
 # ----------------------------------------------------------------------------- one task
 def prepare_task(task: Task, work: Path) -> dict:
-    """The task's train/test .npz (split fixed by seed 0) and its base ONNX graph."""
+    """The task's train/test .npz (split fixed by seed 0) and its base ONNX graph; kept when present."""
     import onnx
     from taskedge.export.ingest import ingest
+    from taskedge.runtime.fsutil import atomic_path
     from taskedge.tools import demo_data as D
     work.mkdir(parents=True, exist_ok=True)
-    if task.data[0] == "text":
-        d = D.text_sentiment(n_train=task.data[1], n_test=task.data[2], seed=0)
-    else:
-        d = D.vision_digits(task.data[1], seed=0)
-    D.write_npz(work / "train.npz", d["train"])
-    D.write_npz(work / "test.npz", d["test"])
-    onnx.save(ingest(task.factory).model, str(work / "base.onnx"))
-    return {"n_train": int(len(d["train"]["labels"])), "n_test": int(len(d["test"]["labels"]))}
+    if not (work / "test.npz").is_file():
+        d = D.text_sentiment(n_train=task.data[1], n_test=task.data[2], seed=0) if task.data[0] == "text" \
+            else D.vision_digits(task.data[1], seed=0)
+        D.write_npz(work / "train.npz", d["train"])
+        D.write_npz(work / "test.npz", d["test"])
+    if not (work / "base.onnx").is_file():
+        with atomic_path(work / "base.onnx", suffix=".onnx") as tmp:
+            onnx.save(ingest(task.factory).model, str(tmp))
+    return {part: int(len(np.load(work / f"{part}.npz")["labels"])) for part in ("train", "test")}
 
 
 def export(task: Task, work: Path, selection: str, seed: int) -> tuple:
@@ -122,34 +125,58 @@ def jaccard(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> float:
     return inter / union if union else 1.0
 
 
-def run_task(name: str, task: Task, seeds: List[int], work: Path, keep: bool, progress) -> dict:
-    """Every rule x seed on one task: export, adapt, score; the overlaps between rules."""
+def run_one(task: Task, work: Path, sel: str, seed: int, lr: Optional[float], keep: bool) -> tuple:
+    """One rule at one seed: export, adapt, the trained entries. Returns (record, entries)."""
+    t0 = time.perf_counter()
+    bundle, man = export(task, work, sel, seed)
+    t1 = time.perf_counter()
+    rep = adapt_run(task, work, bundle, seed, lr)
+    entries = trained_entries(bundle, man)
+    if not keep:
+        shutil.rmtree(bundle, ignore_errors=True)
+    rec = {"task": asdict(task), "selection": sel, "seed": seed, "accuracy": rep["accuracy"]["after"],
+           "accuracy_before": rep["accuracy"]["before"], "lr": rep["lr"]["peak"], "lr_trials": rep["lr"].get("trials"),
+           "lr_scale": rep["lr_scale"], "k": man.method["k"], "update_params": man.update_params,
+           "head_params": man.head_params, "num_weights": man.num_weights, "share_of_weights": man.update_share,
+           "loss_first10": rep["loss"]["first10_mean"], "loss_last10": rep["loss"]["last10_mean"],
+           "export_seconds": round(t1 - t0, 1), "adapt_seconds": round(time.perf_counter() - t1, 1)}
+    return rec, entries
+
+
+def run_task(name: str, task: Task, seeds: List[int], selections, work: Path, keep: bool, progress) -> dict:
+    """Every rule x seed on one task; each finished run is recorded in work/runs (a record made with the
+    same task settings is reused, so an interrupted ablation resumes and rules can run in parallel)."""
+    from taskedge.runtime.fsutil import atomic_path, atomic_write_json
     sizes = prepare_task(task, work)
-    runs: Dict[str, List[dict]] = {s: [] for s in SELECTIONS}
+    done = work / "runs"
+    done.mkdir(exist_ok=True)
+    runs: Dict[str, List[dict]] = {}
     picks: Dict[int, Dict[str, dict]] = {seed: {} for seed in seeds}
-    lr_pick: Dict[str, dict] = {}
-    meta = {}
-    for sel in SELECTIONS:
+    for sel in selections:
+        runs[sel] = []
         for seed in seeds:
-            t0 = time.perf_counter()
-            bundle, man = export(task, work, sel, seed)
-            t1 = time.perf_counter()
-            rep = adapt_run(task, work, bundle, seed, lr_pick.get(sel, {}).get("lr"))
-            if sel not in lr_pick:
-                lr_pick[sel] = {"lr": rep["lr"]["peak"], "trials": rep["lr"].get("trials"), "picked_at_seed": seed}
-            picks[seed][sel] = trained_entries(bundle, man)
-            meta = {"k": man.method["k"], "update_params": man.update_params, "head_params": man.head_params,
-                    "num_weights": man.num_weights, "share_of_weights": man.update_share}
-            runs[sel].append({"seed": seed, "accuracy": rep["accuracy"]["after"], "k": man.method["k"],
-                              "update_params": man.update_params, "lr_scale": rep["lr_scale"],
-                              "accuracy_before": rep["accuracy"]["before"], "lr": rep["lr"]["peak"],
-                              "loss_first10": rep["loss"]["first10_mean"], "loss_last10": rep["loss"]["last10_mean"],
-                              "export_seconds": round(t1 - t0, 1), "adapt_seconds": round(time.perf_counter() - t1, 1)})
-            if not keep:
-                shutil.rmtree(bundle, ignore_errors=True)
-            progress(name, sel, seed, runs[sel][-1])
-    return {"title": task.title, "task": asdict(task), **sizes, **meta, "lr": lr_pick,
-            "runs": runs, "summary": summarize(runs), "jaccard": overlaps(picks)}
+            path = done / f"{sel}-s{seed}.json"
+            rec = json.loads(path.read_text()) if path.is_file() else None
+            if rec is None or rec["task"] != json.loads(json.dumps(asdict(task))):     # tuples come back as lists
+                lr = None if seed == 0 else runs[sel][0]["lr"]          # seed 0's trials pick the rule's lr
+                rec, entries = run_one(task, work, sel, seed, lr, keep)
+                with atomic_path(done / f"{sel}-s{seed}.npz", suffix=".npz") as tmp:
+                    with open(tmp, "wb") as f:
+                        np.savez(f, **entries)
+                atomic_write_json(path, rec)
+                progress(name, sel, seed, rec, True)
+            else:
+                progress(name, sel, seed, rec, False)
+            with np.load(done / f"{sel}-s{seed}.npz") as z:
+                picks[seed][sel] = {k: z[k] for k in z.files}
+            runs[sel].append(rec)
+    first = runs[selections[0]][0]
+    lr = {sel: {"lr": rs[0]["lr"], "trials": rs[0]["lr_trials"], "picked_at_seed": rs[0]["seed"]}
+          for sel, rs in runs.items()}
+    return {"title": task.title, "task": asdict(task), "n_train": sizes["train"], "n_test": sizes["test"],
+            **{k: first[k] for k in ("k", "update_params", "head_params", "num_weights", "share_of_weights")},
+            "lr": lr, "runs": runs, "summary": summarize(runs), "jaccard": overlaps(picks, selections),
+            "compute_seconds": round(sum(r["export_seconds"] + r["adapt_seconds"] for rs in runs.values() for r in rs))}
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -167,12 +194,12 @@ def summarize(runs: Dict[str, List[dict]]) -> Dict[str, dict]:
     return out
 
 
-def overlaps(picks: Dict[int, Dict[str, dict]]) -> Dict[str, Dict[str, float]]:
+def overlaps(picks: Dict[int, Dict[str, dict]], selections=SELECTIONS) -> Dict[str, Dict[str, float]]:
     """Jaccard of the trained entry sets, rule vs rule at the same seed, mean over seeds."""
     out: Dict[str, Dict[str, float]] = {}
-    for a in SELECTIONS:
+    for a in selections:
         out[a] = {}
-        for b in SELECTIONS:
+        for b in selections:
             vals = [jaccard(p[a], p[b]) for p in picks.values() if a in p and b in p]
             out[a][b] = round(float(np.mean(vals)), 4) if vals else None
     return out
@@ -181,29 +208,32 @@ def overlaps(picks: Dict[int, Dict[str, dict]]) -> Dict[str, Dict[str, float]]:
 # ----------------------------------------------------------------------------- the whole bench
 def run_ablation(tasks: Optional[List[str]] = None, seeds: int = 3, quick: bool = False, out: Optional[str] = None,
                  workdir: Optional[str] = None, keep: bool = False, plot: bool = True, steps: Optional[int] = None,
-                 log: Callable[[str], None] = lambda m: None) -> dict:
+                 selections: Optional[List[str]] = None, log: Callable[[str], None] = lambda m: None) -> dict:
+    """The ablation; with `workdir`, finished runs are recorded there and reused by the next call."""
     import os
     import sys
     from . import ablation_report as R
     table = {k: replace(t, steps=steps) if steps else t for k, t in task_table(quick).items()}
-    names = list(tasks or table)
-    total, done, t_start = len(names) * len(SELECTIONS) * seeds, [0], time.perf_counter()
+    names, sels = list(tasks or table), [s for s in SELECTIONS if s in (selections or SELECTIONS)]
+    total, count, t_start = len(names) * len(sels) * seeds, {"done": 0, "ran": 0}, time.perf_counter()
     load0 = [round(x, 2) for x in os.getloadavg()]
 
-    def progress(task, sel, seed, r):
-        done[0] += 1
-        el = time.perf_counter() - t_start
-        log(f"{task}: {sel} seed {seed}: accuracy {r['accuracy']:.4f} (lr {r['lr']:g}; export {r['export_seconds']:.0f}"
-            f" s, adapt {r['adapt_seconds']:.0f} s) -- run {done[0]}/{total}, {el / 60:.1f} min, "
-            f"about {el / done[0] * (total - done[0]) / 60:.0f} min left")
+    def progress(task, sel, seed, r, ran: bool):
+        count["done"] += 1
+        count["ran"] += ran
+        el, left = time.perf_counter() - t_start, total - count["done"]
+        how = (f"accuracy {r['accuracy']:.4f} (lr {r['lr']:g}; export {r['export_seconds']:.0f} s, adapt "
+               f"{r['adapt_seconds']:.0f} s)") if ran else f"accuracy {r['accuracy']:.4f}, recorded in the work folder"
+        eta = f", about {el / count['ran'] * left / 60:.0f} min left" if count["ran"] else ""
+        log(f"{task}: {sel} seed {seed}: {how} -- run {count['done']}/{total}, {el / 60:.1f} min{eta}")
 
     tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="taskedge-ablation-"))
     try:
         results = {}
         for name in names:
-            log(f"{name}: {table[name].title}; {len(SELECTIONS)} rules x {seeds} seeds")
-            results[name] = run_task(name, table[name], list(range(seeds)), tmp / name, keep or bool(workdir), progress)
-        report = {"quick": quick, "seeds": seeds, "selections": list(SELECTIONS), "threads": THREADS, "tasks": results,
+            log(f"{name}: {table[name].title}; {len(sels)} rules x {seeds} seeds")
+            results[name] = run_task(name, table[name], list(range(seeds)), sels, tmp / name, keep, progress)
+        report = {"quick": quick, "seeds": seeds, "selections": sels, "threads": THREADS, "tasks": results,
                   "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "loadavg_start": load0,
                               "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
                   "wall_seconds": round(time.perf_counter() - t_start, 1)}

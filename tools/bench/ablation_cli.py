@@ -20,6 +20,10 @@ def add_ablation_args(p) -> None:
                    help="with --selection-ablation: a comma-separated subset of the tasks (default all)")
     g.add_argument("--seeds", type=arg_type(int, at_least(2)), default=3,
                    help="with --selection-ablation: seeds 0..N-1 per task and rule (default 3; >= 2 for a spread)")
+    g.add_argument("--selections", type=_names(list(SELECTIONS), "rule"),
+                   help="with --selection-ablation: a comma-separated subset of the rules (default all). With "
+                        "--workdir each finished run is recorded there and reused: an interrupted ablation "
+                        "resumes, and several processes can share one work folder, each running some rules")
 
 
 def cmd_ablation(a) -> int:
@@ -32,7 +36,7 @@ def cmd_ablation(a) -> int:
     if bad:
         raise UserError(f"--tasks {','.join(bad)}: not a {'--quick ' if a.quick else ''}task; choose from "
                         f"{', '.join(table)}" + ("" if a.quick else " (or add --quick for the small ones)"))
-    r = run_ablation(a.tasks, a.seeds, a.quick, a.out, a.workdir, a.keep, steps=a.steps,
+    r = run_ablation(a.tasks, a.seeds, a.quick, a.out, a.workdir, a.keep, steps=a.steps, selections=a.selections,
                      log=(lambda m: None) if a.quiet else stderr_log)
     print(json.dumps(r, indent=2) if a.json else format_md(r))
     return 0
