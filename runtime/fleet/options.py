@@ -15,9 +15,10 @@ from .aggregate import RULES
 
 @dataclass
 class FleetOptions:
-    bundle: str = flag("", "the bundle every board trains (its allocation names the fleet)", positional=True)
+    bundle: str = flag("", "the bundle every board trains (its allocation names the fleet)", positional=True,
+                       show_default=False)
     state_dir: str = flag("", "the server's folder: committed global state after every round, the report "
-                              "(default BUNDLE/fleet)")
+                              "(default BUNDLE/fleet)", show_default=False)
     rounds: int = flag(10, "federated rounds in total (a restarted server resumes after its last committed round)",
                        check=at_least(1))
     local_steps: int = flag(20, "optimizer steps each board runs per round, from the global state", check=at_least(1))
@@ -33,7 +34,8 @@ class FleetOptions:
                                        "left out of the round", check=POSITIVE)
     grace_seconds: float = flag(120.0, "once --min-clients boards have replied, wait at most this much longer "
                                        "for the rest (a board that died mid-round never replies)", check=POSITIVE)
-    eval_data: str = flag("", "held-out data the server scores the global state on after every round")
+    eval_data: str = flag("", "held-out data the server scores the global state on after every round",
+                          show_default=False)
     seed: int = flag(0, "data order seed (each board and round draws its own from it)", check=at_least(0))
 
     def resolved(self) -> "FleetOptions":
