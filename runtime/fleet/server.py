@@ -69,7 +69,7 @@ class Coordinator:
                 self.store.save(TrainState(state), {"round": r, "allocation_hash": self.hash, "rows": rows,
                                                     "bytes_per_client": self.sizes}, r)
                 self.log(f"round {r} committed: accuracy {row['accuracy']}, {row['accepted']} accepted, "
-                    f"{row['rejected']} rejected, {row['failed']} failed, {row['wall_s']} s")
+                         f"{row['rejected']} rejected, {row['failed']} failed, {row['wall_s']} s")
                 faults.server_exit_after(r, fresh)
             return rows
         finally:
