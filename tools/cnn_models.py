@@ -107,8 +107,11 @@ def efficientnet_lite0() -> EfficientNetLite:
 
 def efficientnet_lite0_onnx(path, size: int = 224) -> str:
     """Write the ImageNet classifier as ONNX (opset 17, batch dimension dynamic); returns the path."""
+    import warnings
     model = efficientnet_lite0()
-    torch.onnx.export(model, (torch.zeros(1, 3, size, size),), str(path), input_names=["pixels"],
-                      output_names=["logits"], dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
-                      opset_version=17, dynamo=False)
+    with warnings.catch_warnings():   # SameConv's padding is traced as constants: right for this `size`
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 3, size, size),), str(path), input_names=["pixels"],
+                          output_names=["logits"], dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)
     return str(path)
