@@ -13,6 +13,7 @@ from taskedge.runtime.ort import onnxruntime as ort
 from taskedge.runtime.specs import cast_to_specs, check_arrays, graph_input_specs
 
 from .artifacts import frozen_feeds, structure
+from .graph import GraphEdit
 from .layers import WeightOp
 
 
@@ -22,15 +23,12 @@ def activation_norms(model: onnx.ModelProto, ops: List[WeightOp],
     """Return {activation tensor name: ||X[:, j]||_2 over all calibration tokens/pixels}."""
     specs = graph_input_specs(model)
     probe, frozen = structure(model)
-    existing = {o.name for o in probe.graph.output}
-    wanted = []
-    for op in ops:
-        if op.activation not in existing and op.activation not in wanted:
-            wanted.append(op.activation)
     graph_inputs = {s.name for s in specs}
-    for name in wanted:
-        if name not in graph_inputs:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    wanted = list(dict.fromkeys(op.activation for op in ops if op.activation not in graph_inputs))
+    if wanted:              # only what the layers read is computed (not e.g. an LM's [B, T, V] logits)
+        del probe.graph.output[:]
+        probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in wanted)
+        GraphEdit(probe).commit()
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep tensor names intact
     sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -18,6 +18,8 @@ text around one user message (`chat_preprocessing`), so the board encodes prompt
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
 import warnings
@@ -55,8 +57,8 @@ def load(folder: Path, gguf: Optional[str] = None):
     import transformers as T
     from .hf import quiet_transformers
     kw = dict(local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
-    with quiet_transformers(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_transformers(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")      # (and the GGUF converter's own progress bar)
         try:
             model = T.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
                                                            attn_implementation="eager", **kw)

@@ -109,10 +109,10 @@ def _drop_hints(model: onnx.ModelProto) -> None:
         return                                          # subgraphs see outer names: leave names alone
     keep = {i.name for i in g.input} | {o.name for o in g.output} | {t.name for t in g.initializer}
     short: Dict[str, str] = {}
-    for n in g.node:
+    for j, n in enumerate(g.node):
         n.doc_string = ""
-        if "taskedge" not in n.name:
-            n.name = ""
+        if "taskedge" not in n.name:         # short but unique: onnxruntime names a fused node after the
+            n.name = f"_n{j:x}"              # nodes it fuses, and two fusions of unnamed nodes collide
         for i, name in enumerate(n.output):
             if name and name not in keep and "taskedge" not in name:
                 n.output[i] = short.setdefault(name, f"_{len(short):x}")

@@ -70,7 +70,8 @@ def cmd_eval(a) -> int:
     bundle, update = taskflags.resolve(a)
     res = evaluate(bundle, a.data, model=a.model, update=update, run_dir=a.run_dir)
     taskflags.after_eval(a, res)
-    _print_json(res) if a.json else print(f"accuracy {res['accuracy']:.4f} on {res['examples']} examples "
+    ppl = f", perplexity {res['perplexity']:.3f}" if "perplexity" in res else ""      # a causal LM's answers
+    _print_json(res) if a.json else print(f"accuracy {res['accuracy']:.4f}{ppl} on {res['examples']} examples "
                                           f"({res['evaluated']})")
     return 0
 
