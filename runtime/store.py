@@ -43,6 +43,15 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def fault_pause() -> None:
+    """TEST-ONLY hook (tests/faults): with TASKEDGE_FAULT_DELAY_TASK=SECONDS set, sleep between moving
+    the old task aside and publishing the new one, so a test can SIGKILL there. Unset: a no-op."""
+    delay = os.environ.get("TASKEDGE_FAULT_DELAY_TASK")
+    if delay:
+        import time
+        time.sleep(float(delay))
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME.match(name):
         raise UserError(f"bad task name {one_line(name)!r}: use 1-64 letters, digits, '_', '-' or '.', "
@@ -141,6 +150,7 @@ class TaskStore:
         if dest.exists():
             os.replace(dest, old)
             fsync_dir(dest.parent)
+            fault_pause()                     # test-only: the window where neither name is the live task
         os.replace(stage, dest)
         fsync_dir(dest.parent)
         shutil.rmtree(old, ignore_errors=True)

@@ -125,13 +125,15 @@ def add(source: str, store: TaskStore, name=None, replace: bool = False) -> dict
     path = Path(source)
     if not path.exists():
         raise UserError(f"{source}: not found; give a task pack (.tar from `taskedge task export`) or a bundle folder")
-    with store.writing():
-        if path.is_dir():
+    if path.is_dir():
+        with store.writing():
             return store.add_task(path, name or path.resolve().name, replace)
-        _, rec = precheck(path, store)
-        name = check_name(name or str(rec.get("name", "")))
+    _, rec = precheck(path, store)                      # refusals before the store is touched at all
+    name = check_name(name or str(rec.get("name", "")))
+    with store.writing():
         if (store.tasks_dir / name).exists() and not replace:
             raise UserError(f"task {name!r} is already on this board; give --replace to replace it, or --name")
+        store.tasks_dir.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=".incoming.", suffix=".partial", dir=str(store.tasks_dir)))
         try:
             try:
