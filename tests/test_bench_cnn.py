@@ -152,3 +152,26 @@ def test_quick_scenario_bench_end_to_end(tmp_path):
     assert 256 * 5 + 5 < rows["taskedge"]["trainable_params"] < rows["dora-r4"]["trainable_params"]
     assert (tmp_path / "o" / "bench-cnn.png").stat().st_size > 10_000
     assert "| taskedge |" in (tmp_path / "o" / "bench-cnn.md").read_text()
+
+
+def test_torch_adapters_follow_the_step_graph_formulas():
+    """cnn_torch.adapt: depthwise convs get the weight-space update, groups-1 convs peft's activation path;
+    both leave the output unchanged at init (B = 0) and DoRA's magnitude is each kernel's norm."""
+    import torch
+    from torch import nn
+    from taskedge.tools.bench.cnn_torch import ConvLoRA, LowRankWeight, adapt
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8))
+    x = torch.randn(2, 3, 8, 8)
+    want = body(x).detach()
+    adapt(body, "lora", 16, 0)
+    assert isinstance(body[0], ConvLoRA) and isinstance(body[2].parametrizations.weight[0], LowRankWeight)
+    assert body[2].parametrizations.weight[0].A.shape == (8, 9)          # rank capped at min(C, k^2)
+    torch.testing.assert_close(body(x), want)
+    dora = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    w = dora.weight.detach().clone()
+    adapt(nn.Sequential(dora), "dora", 2, 0)
+    torch.testing.assert_close(dora.parametrizations.weight[0].m, w.reshape(8, -1).norm(dim=1))
+    torch.testing.assert_close(dora.weight, w)
+    assert sorted(n for n, p in dora.named_parameters() if p.requires_grad) == \
+        ["parametrizations.weight.0.A", "parametrizations.weight.0.B", "parametrizations.weight.0.m"]

@@ -3,10 +3,10 @@ job.json`): for each learning rate of its sweep, a fresh start from the same sta
 steps on the runtime's data order and schedule (runtime.adapt.batch_indices / lr_at, constant after
 warm-up), then val and test accuracy. The rate with the best val accuracy is the variant's; its
 run gives the step time. Peak memory = max RSS of this process over the whole sweep (every run
-holds the same tensors). Prints one JSON line. Never imports torch (onnxruntime the runtime's way).
+holds the same tensors). Prints one JSON line.
 
 Engines: `peer` = a cnn_peers folder (step.onnx on plain onnxruntime, numpy AdamW with the head at
-its own rate, or GaLore), `bundle` = a TaskEdge bundle run by the runtime's Trainer exactly as
+its own rate, or GaLore), `torch` = cnn_torch.py (the only engine that imports torch), `bundle` = a TaskEdge bundle run by the runtime's Trainer exactly as
 on the board (one rate for delta and head), with the scenario's head values when it has them.
 """
 from __future__ import annotations
@@ -105,7 +105,11 @@ def accuracy(engine, data: dict, batch: int = 100) -> float:
 def train(job: dict, lr: float, train_set: dict):
     """A fresh engine trained `steps` steps at `lr`; (engine, step seconds, losses)."""
     from taskedge.runtime.train.schedule import batch_indices, lr_at
-    engine = (BundleEngine if job["engine"] == "bundle" else PeerEngine)(job, lr)
+    if job["engine"] == "torch":
+        from .cnn_torch import TorchCNNEngine as cls
+    else:
+        cls = BundleEngine if job["engine"] == "bundle" else PeerEngine
+    engine = cls(job, lr)
     times, losses, n = [], [], len(train_set["labels"])
     for step in range(job["steps"]):
         idx = batch_indices(step, n, job["batch"], job["seed"])
@@ -122,7 +126,7 @@ def run_job(job: dict) -> dict:
     from taskedge.runtime.telemetry import MemorySampler
     sampler = MemorySampler(interval_ms=5).start()
     data = {k: load_npz(job[k]) for k in ("train", "val", "test")}
-    sweep, best = [], None
+    sweep, best, flops = [], None, None
     for lr in job["lrs"]:
         engine, times, losses = train(job, lr, data["train"])
         finite = bool(np.isfinite(losses).all())
@@ -132,17 +136,20 @@ def run_job(job: dict) -> dict:
         sweep.append(row)
         if best is None or row["val"] > best[0]["val"]:
             upd = Path(job["workdir"]) / f"update-{job['name']}.npz"
-            best = (row, save_npz(upd, engine.update()))
+            update = engine.update()
+            best = (row, save_npz(upd, update), int(sum(a.size for a in update.values())))
+            if job["engine"] == "torch":
+                flops = engine.flops([data["train"][k][:job["batch"]] for k in ("pixels", "labels")])
         del engine
         gc.collect()
     peak = sampler.peak_mb()
     sampler.stop()
-    row, update_bytes = best
+    row, update_bytes, trainable = best
     if job["engine"] == "bundle":            # the allocation ships with the delta
         update_bytes += (Path(job["artifacts"]) / "allocation.npz").stat().st_size
     return {"name": job["name"], "lr": row["lr"], "accuracy": row["test"], "val_accuracy": row["val"],
-            "step_ms": row["step_ms"], "peak_rss_mb": round(peak, 1), "update_bytes": int(update_bytes),
-            "sweep": sweep, "torch_imported": "torch" in sys.modules}
+            "step_ms": row["step_ms"], "trainable_params": trainable, "peak_rss_mb": round(peak, 1), "update_bytes": int(update_bytes),
+            "sweep": sweep, "torch_imported": "torch" in sys.modules, **({"flops": flops} if flops else {})}
 
 
 def cnn_worker_main(job_path: str) -> int:

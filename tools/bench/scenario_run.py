@@ -30,10 +30,17 @@ CNN_VARIANTS = {
     "galore-r4": ("peer", "galore", 4, [1e-3, 3e-3, 1e-2]),
     "taskedge": ("bundle", "taskedge", None, [3e-3, 1e-2, 3e-2]),      # the exporter's default budget
     "taskedge-1%": ("bundle", "taskedge", 0.01, [3e-3, 1e-2, 3e-2]),
+    # PyTorch rows (cnn_torch.py) at the rate the sweep picked for the same method's step graph
+    "torch-probe": ("torch", "probe", 0, "probe"),
+    "torch-full": ("torch", "full", 0, "full"),
+    "torch-lora-r4": ("torch", "lora", 4, "lora-r4"),
+    "torch-dora-r4": ("torch", "dora", 4, "dora-r4"),
+    "torch-galore-r4": ("torch", "galore", 4, "galore-r4"),
+    "torch-taskedge": ("torch", "taskedge", 0, "taskedge"),
 }
 QUICK_VARIANTS = ["probe", "full", "lora-r4", "dora-r4", "galore-r4", "taskedge"]
 HEAD_LR = 1e-2
-FULL = dict(steps=60, batch=16, warmup=5, skip=3, models=["mobilenet_v2", "onet"], limit=None)
+FULL = dict(steps=40, batch=16, warmup=5, skip=3, models=["mobilenet_v2", "onet"], limit=None)
 QUICK = dict(steps=8, batch=16, warmup=2, skip=2, models=["onet"], limit=64)
 
 
@@ -106,27 +113,41 @@ def run_scenario(model: str, scenario: str, cfg: dict, variants: list, work: Pat
         head_init = {"weight": h["weight"], "bias": h["bias"]}
         np.savez(w / "head_init.npz", **head_init)
         head_note = f"head fitted on clean digits (train accuracy {h['train_accuracy']:.3f})"
+    else:               # the torch rows' copy of add_head's init (the graphs make their own)
+        from taskedge.export.baselines import head_arrays
+        new = head_arrays(base, classes, seed)
+        np.savez(w / "head_init.npz", weight=new["taskedge_head.weight"], bias=new["taskedge_head.bias"])
     batch = {"pixels": data["train"]["pixels"][:cfg["batch"]], "labels": data["train"]["labels"][:cfg["batch"]]}
     rows = {}
     for name in variants:
         engine, family, param, lrs = CNN_VARIANTS[name]
         t = time.perf_counter()
-        info, step, evl, state = _artifacts(name, w / "base.onnx", base, classes, seed, w / name, head_init,
-                                            w / "train.npz")
-        flops = _count(step, evl, state, batch)
-        if family == "galore":          # the optimizer's projections (down and up), per step
-            flops["optimizer"] = _galore_flops(state, param, info["head"])
-            flops["step"] += flops["optimizer"]
+        if engine == "torch":           # the rate its step-graph twin picked (else that grid's middle)
+            twin = lrs
+            lrs = [rows[twin]["lr"]] if twin in rows else [CNN_VARIANTS[twin][3][1]]
+            flops = None
+        else:
+            info, step, evl, state = _artifacts(name, w / "base.onnx", base, classes, seed, w / name, head_init,
+                                                w / "train.npz")
+            flops = _count(step, evl, state, batch)
+            if family == "galore":      # the optimizer's projections (down and up), per step
+                flops["optimizer"] = _galore_flops(state, param, info["head"])
+                flops["step"] += flops["optimizer"]
         job = {"name": f"{model}-{scenario}-{name}", "engine": engine, "family": family, "rank": param,
                "artifacts": str(w / name), "train": str(w / "train.npz"), "val": str(w / "val.npz"),
                "test": str(w / "test.npz"), "head_init": str(w / "head_init.npz") if head_init else None,
-               "lrs": lrs if not cfg.get("one_lr") else [lrs[1]], "head_lr": HEAD_LR, "threads": THREADS,
+               "lrs": [lrs[len(lrs) // 2]] if cfg.get("one_lr") else lrs, "head_lr": HEAD_LR, "threads": THREADS,
                "steps": cfg["steps"], "batch": cfg["batch"], "warmup": cfg["warmup"], "skip": cfg["skip"],
-               "seed": seed, "workdir": str(w)}
+               "seed": seed, "workdir": str(w), "factory": net["factory"], "head_npz": str(w / "head_init.npz"),
+               "bundle": str(w / "taskedge")}
         (w / f"{name}.job.json").write_text(json.dumps(job))
         r = _worker(w / f"{name}.job.json")
-        rows[name] = {**r, "family": family, "param": param, "flops": flops,
-                      **{k: info[k] for k in ("trainable_params", "head_params", "num_weights")}}
+        if engine == "torch":
+            flops = r.pop("flops")
+            if family == "galore" and "optimizer" in rows.get(twin, {}).get("flops", {}):
+                flops["optimizer"] = rows[twin]["flops"]["optimizer"]      # the same matrices, the same code
+                flops["step"] += flops["optimizer"]
+        rows[name] = {**r, "engine": engine, "family": family, "param": param, "flops": flops}
         log(f"{model}/{scenario}/{name}: acc {r['accuracy']:.3f} (lr {r['lr']:g}), {r['step_ms']:.0f} ms/step, "
             f"peak {r['peak_rss_mb']:.0f} MB, {flops['step'] / 1e9:.2f} GFLOP/step ({time.perf_counter() - t:.0f}s)")
     return {"model": model, "title": net["title"], "scenario": scenario, "classes": classes, "head": head_note,
@@ -152,6 +173,8 @@ def run_scenarios(scenarios, quick: bool = False, steps: int = None, seed: int =
     if steps:
         cfg["steps"] = steps
     variants = list(variants or (QUICK_VARIANTS if quick else CNN_VARIANTS))
+    if "torch-taskedge" in variants and "taskedge" not in variants:
+        variants.insert(0, "taskedge")          # its allocation comes from the bundle
     t0 = time.perf_counter()
     load0 = round(os.getloadavg()[0], 2)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="taskedge-cnn-bench-"))
