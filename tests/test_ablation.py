@@ -17,12 +17,16 @@ def test_quick_ablation_runs_every_rule_at_the_same_budget(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     assert {p.name for p in out.iterdir()} >= {"ablation.md", "ablation.json"}
     t = r["tasks"]["digits-new"]
-    rules = r["selections"]
-    assert sorted(rules) == sorted(["taskedge", "magnitude", "activation", "gradient", "random"])
+    assert r["selections"] == ["taskedge", "magnitude", "activation", "gradient", "random", "head-only"]
+    rules = r["selections"][:-1]
     runs = [x for sel in rules for x in t["runs"][sel]]
     assert len(runs) == 5 * 2 and {x["seed"] for x in runs} == {0, 1}
     assert len({(x["k"], x["update_params"]) for x in runs}) == 1          # the same budget for every rule
     assert all(0.0 <= x["accuracy"] <= 1.0 and x["lr"] > 0 for x in runs)
+    probe = t["runs"]["head-only"]          # the reference: the same new head, alone
+    assert len(probe) == 2 and {(x["k"], x["update_params"]) for x in probe} == {(0, 0)}
+    assert {x["head_params"] for x in runs + probe} == {5 * 33}
+    assert "head-only" not in t["jaccard"]
     for sel in rules:                       # one lr per rule, from the runtime's trials at seed 0
         assert t["lr"][sel]["picked_at_seed"] == 0 and len(t["lr"][sel]["trials"]) == 5
         assert {x["lr"] for x in t["runs"][sel]} == {t["lr"][sel]["lr"]}
@@ -36,7 +40,7 @@ def test_quick_ablation_runs_every_rule_at_the_same_budget(tmp_path, capsys):
     assert "| digits-new |" in md and "Jaccard" in md
     # the work folder records every run: asked again (here for two rules), nothing is re-run
     records = sorted((work / "digits-new" / "runs").glob("*.json"))
-    assert len(records) == 10
+    assert len(records) == 12
     stamps = [p.stat().st_mtime_ns for p in records]
     assert main(argv + ["--selections", "random,taskedge"]) == 0
     again = json.loads(capsys.readouterr().out)

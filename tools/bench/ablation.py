@@ -29,6 +29,8 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 SELECTIONS = ("taskedge", "magnitude", "activation", "gradient", "random")
+PROBE = "head-only"          # the reference on tasks with a new head: only the head trains (the linear probe)
+RULES = SELECTIONS + (PROBE,)
 # onnxruntime intra-op threads of every run: on this shared 2-core host under load (average 12), a
 # MiniLM step took 0.77-1.2 s with 1 thread, 1.8 s with 2 and 2.6 s with ORT's default (its spinning
 # workers fight the other jobs); accuracy does not depend on it, the wall time does
@@ -55,12 +57,10 @@ TASKS = {
                          "(its own head, frozen: only the selected entries train)",
                          "taskedge.tools.demo_models:digits_cnn", ("digits", "shift"), None, 0.05, 150, 32),
 }
+TASKS["digits-new"] = Task("one-block digits transformer pretrained on 0-4 -> digits 5-9 (new 5-class head)",
+                          "taskedge.tools.demo_models:digits_transformer", ("digits", "new-classes"), 5, 0.1, 150, 32)
 # --quick: the small digits fixtures only (a minute on this host), for CI
-QUICK_TASKS = {
-    "digits-shift": replace(TASKS["digits-shift"], steps=40),
-    "digits-new": Task("one-block digits transformer pretrained on 0-4 -> digits 5-9 (new 5-class head)",
-                       "taskedge.tools.demo_models:digits_transformer", ("digits", "new-classes"), 5, 0.1, 40, 32),
-}
+QUICK_TASKS = {name: replace(TASKS[name], steps=40) for name in ("digits-shift", "digits-new")}
 
 
 def task_table(quick: bool) -> Dict[str, Task]:
@@ -91,8 +91,9 @@ def export(task: Task, work: Path, selection: str, seed: int) -> tuple:
     from taskedge.export.config import ExportConfig
     from taskedge.export.exporter import export_bundle
     out = work / f"{selection}-s{seed}"
+    rule = {"head_only": True} if selection == PROBE else {"selection": selection}
     man = export_bundle(ExportConfig(model=str(work / "base.onnx"), out=str(out), calib=str(work / "train.npz"),
-                                     budget=task.budget, num_classes=task.classes, selection=selection, seed=seed),
+                                     budget=task.budget, num_classes=task.classes, seed=seed, **rule),
                         log=lambda m: None)
     return out, man
 
@@ -148,6 +149,7 @@ def run_task(name: str, task: Task, seeds: List[int], selections, work: Path, ke
     same task settings is reused, so an interrupted ablation resumes and rules can run in parallel)."""
     from taskedge.runtime.fsutil import atomic_path, atomic_write_json
     sizes = prepare_task(task, work)
+    selections = [s for s in selections if s != PROBE or task.classes]      # no new head: nothing to probe
     done = work / "runs"
     done.mkdir(exist_ok=True)
     runs: Dict[str, List[dict]] = {}
@@ -170,12 +172,13 @@ def run_task(name: str, task: Task, seeds: List[int], selections, work: Path, ke
             with np.load(done / f"{sel}-s{seed}.npz") as z:
                 picks[seed][sel] = {k: z[k] for k in z.files}
             runs[sel].append(rec)
-    first = runs[selections[0]][0]
+    rules = [s for s in selections if s != PROBE]
+    first = runs[(rules or selections)[0]][0]
     lr = {sel: {"lr": rs[0]["lr"], "trials": rs[0]["lr_trials"], "picked_at_seed": rs[0]["seed"]}
           for sel, rs in runs.items()}
     return {"title": task.title, "task": asdict(task), "n_train": sizes["train"], "n_test": sizes["test"],
             **{k: first[k] for k in ("k", "update_params", "head_params", "num_weights", "share_of_weights")},
-            "lr": lr, "runs": runs, "summary": summarize(runs), "jaccard": overlaps(picks, selections),
+            "lr": lr, "runs": runs, "summary": summarize(runs), "jaccard": overlaps(picks, rules),
             "compute_seconds": round(sum(r["export_seconds"] + r["adapt_seconds"] for rs in runs.values() for r in rs))}
 
 
@@ -214,7 +217,7 @@ def run_ablation(tasks: Optional[List[str]] = None, seeds: int = 3, quick: bool 
     import sys
     from . import ablation_report as R
     table = {k: replace(t, steps=steps) if steps else t for k, t in task_table(quick).items()}
-    names, sels = list(tasks or table), [s for s in SELECTIONS if s in (selections or SELECTIONS)]
+    names, sels = list(tasks or table), [s for s in RULES if s in (selections or RULES)]
     total, count, t_start = len(names) * len(sels) * seeds, {"done": 0, "ran": 0}, time.perf_counter()
     load0 = [round(x, 2) for x in os.getloadavg()]
 

@@ -5,7 +5,7 @@ import json
 
 from taskedge.runtime.flags import arg_type, at_least
 
-from .ablation import QUICK_TASKS, SELECTIONS, TASKS, task_table
+from .ablation import PROBE, QUICK_TASKS, RULES, SELECTIONS, TASKS, task_table
 from .scenario_cli import _names
 
 
@@ -13,14 +13,15 @@ def add_ablation_args(p) -> None:
     g = p.add_argument_group("selection ablation (issue 19): which entries to train, at the same budget")
     g.add_argument("--selection-ablation", action="store_true",
                    help="run every --selection rule (" + ", ".join(SELECTIONS) + ") on each task for --seeds seeds "
-                        "(export + adapt, same budget, steps and lr trials) instead; writes ablation.md / .png / "
+                        f"(export + adapt, same budget, steps and lr trials), and {PROBE} (the new head alone) as "
+                        "the reference, instead; writes ablation.md / .png / "
                         f".json in --out. Tasks: {', '.join(TASKS)}; --quick: {', '.join(QUICK_TASKS)} "
                         "(small digits models, about a minute)")
     g.add_argument("--tasks", type=_names(sorted(set(TASKS) | set(QUICK_TASKS)), "task"),
                    help="with --selection-ablation: a comma-separated subset of the tasks (default all)")
     g.add_argument("--seeds", type=arg_type(int, at_least(2)), default=3,
                    help="with --selection-ablation: seeds 0..N-1 per task and rule (default 3; >= 2 for a spread)")
-    g.add_argument("--selections", type=_names(list(SELECTIONS), "rule"),
+    g.add_argument("--selections", type=_names(list(RULES), "rule"),
                    help="with --selection-ablation: a comma-separated subset of the rules (default all). With "
                         "--workdir each finished run is recorded there and reused: an interrupted ablation "
                         "resumes, and several processes can share one work folder, each running some rules")

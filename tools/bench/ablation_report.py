@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from taskedge.runtime.fsutil import atomic_path, atomic_write_text
 
 
@@ -25,10 +27,10 @@ def _pts(x) -> str:
     return "-" if x is None else f"{100 * x:+.1f}"
 
 
-def accuracy_table(t: dict, selections) -> str:
+def accuracy_table(t: dict) -> str:
     lines = ["| rule | accuracy, mean ± std | min – max | vs taskedge, same seed (points) | lr (trials) |",
              "|---|---|---|---|---|"]
-    for sel in selections:
+    for sel in t["summary"]:
         s = t["summary"][sel]
         vs = "—" if sel == "taskedge" else f"{_pts(s['vs_taskedge_mean'])} ± {100 * s['vs_taskedge_std']:.1f}"
         lines.append(f"| {sel} | {s['mean']:.4f} ± {s['std']:.4f} | {s['min']:.4f} – {s['max']:.4f} | {vs} | "
@@ -36,7 +38,8 @@ def accuracy_table(t: dict, selections) -> str:
     return "\n".join(lines)
 
 
-def jaccard_table(t: dict, selections) -> str:
+def jaccard_table(t: dict) -> str:
+    selections = list(t["jaccard"])
     lines = ["| Jaccard | " + " | ".join(selections) + " |", "|---|" + "---|" * len(selections)]
     for a in selections:
         lines.append(f"| {a} | " + " | ".join("-" if t["jaccard"][a][b] is None else f"{t['jaccard'][a][b]:.3f}"
@@ -47,10 +50,10 @@ def jaccard_table(t: dict, selections) -> str:
 def overview(r: dict) -> str:
     """One line per task: each rule's mean accuracy (the README's table)."""
     sels = r["selections"]
+    cell = lambda s: "—" if s is None else f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
     lines = ["| task | " + " | ".join(sels) + " |", "|---|" + "---:|" * len(sels)]
     for name, t in r["tasks"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{t['summary'][s]['mean']:.3f} ± {t['summary'][s]['std']:.3f}"
-                                                   for s in sels) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(t["summary"].get(s)) for s in sels) + " |")
     return "\n".join(lines)
 
 
@@ -59,10 +62,13 @@ def format_md(r: dict) -> str:
     m = r["machine"]
     out = [f"# Selection ablation: which entries to train, at the same budget",
            "",
-           f"{'quick' if r['quick'] else 'full'} run: {len(r['tasks'])} tasks x {len(sels)} rules x {r['seeds']} seeds; "
+           f"{'quick' if r['quick'] else 'full'} run: {len(r['tasks'])} tasks x {len([x for x in sels if x != 'head-only'])} "
+           f"rules x {r['seeds']} seeds; "
            f"each run = export with `--selection RULE --seed S`, then `adapt` (the board's step graph on plain "
            f"onnxruntime, cosine schedule, 10 warm-up steps), accuracy on the task's held-out test set. Seed S sets "
            f"the new head's init, the data order and the random rule's picks; the data split is fixed per task. "
+           f"`head-only` is the reference: the new head alone trains (the linear probe; none on a task that keeps "
+           f"its own head). "
            f"Learning rate: adapt's own trials (12 steps each of 1e-3, 3e-3, 1e-2, 3e-2 on held-out training data) "
            f"at seed 0, per task and rule, kept for the other seeds. Machine: {m['cpus']} cores, load average "
            f"{m['loadavg_start'][0]} at start / {m['loadavg_end'][0]} at end; wall time {r['wall_seconds'] / 60:.1f} min.",
@@ -73,9 +79,11 @@ def format_md(r: dict) -> str:
                 f"budget {100 * tk['budget']:g} % of {t['num_weights']:,} weights: k = {t['k']} per neuron, "
                 f"{t['update_params']:,} trained entries + {t['head_params']:,} head; {tk['steps']} steps x batch "
                 f"{tk['batch']}; train {t['n_train']} / test {t['n_test']}.", "",
-                accuracy_table(t, sels), "",
+                f"Accuracy before adapting: {np.mean([x['accuracy_before'] for rs in t['runs'].values() for x in rs]):.4f}"
+                " (mean over the runs).", "",
+                accuracy_table(t), "",
                 "Overlap of the trained entries (Jaccard, same seed, mean over seeds):", "",
-                jaccard_table(t, sels), ""]
+                jaccard_table(t), ""]
     return "\n".join(out)
 
 
@@ -84,12 +92,13 @@ def write_png(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sels, tasks = r["selections"], list(r["tasks"])
+    tasks = list(r["tasks"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4), squeeze=False)
     colors = {"taskedge": "#1f77b4", "magnitude": "#ff7f0e", "activation": "#2ca02c", "gradient": "#9467bd",
-              "random": "#7f7f7f"}
+              "random": "#7f7f7f", "head-only": "#d62728"}
     for ax, name in zip(axes[0], tasks):
         t = r["tasks"][name]
+        sels = list(t["summary"])
         for i, sel in enumerate(sels):
             s = t["summary"][sel]
             ax.errorbar(i + 0.12, s["mean"], yerr=s["std"], fmt="s", color=colors.get(sel, "#333333"), capsize=4)
