@@ -71,7 +71,9 @@ def format_md(r: dict) -> str:
            f"its own head). "
            f"Learning rate: adapt's own trials (12 steps each of 1e-3, 3e-3, 1e-2, 3e-2 on held-out training data) "
            f"at seed 0, per task and rule, kept for the other seeds. Machine: {m['cpus']} cores, load average "
-           f"{m['loadavg_start'][0]} at start / {m['loadavg_end'][0]} at end; wall time {r['wall_seconds'] / 60:.1f} min.",
+           f"{m['loadavg_start'][0]} at start / {m['loadavg_end'][0]} at end of this call; the runs took "
+           f"{sum(t['compute_seconds'] for t in r['tasks'].values()) / 60:.0f} min of export + adapt (this call: "
+           f"{r['wall_seconds'] / 60:.1f} min; runs recorded in --workdir are reused).",
            "", "Mean ± sample std of held-out accuracy over the seeds:", "", overview(r), ""]
     for name, t in r["tasks"].items():
         tk = t["task"]
