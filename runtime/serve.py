@@ -26,7 +26,7 @@ import numpy as np
 from . import bundle as B
 from .fsutil import UserError
 from .merge import dense_delta
-from .store import TaskStore
+from .store import TaskStore, verify_own
 from .trainer import TrainState, map_weights, open_session
 
 
@@ -76,6 +76,7 @@ class Runtime:
             return self.tasks[name]
         folder = self.store.task_dir(name)
         manifest = B.read_manifest(folder)
+        verify_own(folder, manifest, f"re-add the task: `taskedge task add PACK --name {name} --replace`")
         if B.base_id(manifest) != self.base:
             raise UserError(f"task {name!r} runs on base {B.base_id(manifest)[:12]}, this runtime serves "
                             f"{self.base[:12]}; open a Runtime for that base")

@@ -59,6 +59,17 @@ def check_name(name: str) -> str:
     return name
 
 
+def verify_own(folder: Path, manifest: B.Manifest, fix: str) -> List[str]:
+    """The task's own files (the manifest's, base files aside), each checked against its sha256."""
+    own = [n for n in manifest.files if n not in B.BASE_FILES]
+    for n in own:
+        p = B.safe_member(folder, n)
+        meta = manifest.files[n]
+        if not p.is_file() or not isinstance(meta, dict) or sha256_file(p) != meta.get("sha256"):
+            raise UserError(f"{p}: {'missing' if not p.is_file() else 'sha256 mismatch'}; {fix}")
+    return own
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """A hard link (the same bytes on disk), or a copy where the file system has no links."""
     try:
@@ -119,8 +130,6 @@ class TaskStore:
                     else:
                         os.replace(p, live)
             fsync_dir(folder)
-        if os.access(self.root, os.W_OK) and (self.root / "blobs").is_dir():
-            self.collect()                    # blobs of an add that died before publishing its task
 
     @contextlib.contextmanager
     def writing(self):
@@ -224,12 +233,7 @@ class TaskStore:
         if dest.exists() and not replace:
             raise UserError(f"task {name!r} is already on this board; give --replace to replace it, "
                             "or another --name")
-        own = [n for n in manifest.files if n not in B.BASE_FILES]
-        for n in own:
-            p = B.safe_member(source, n)
-            if not p.is_file() or sha256_file(p) != manifest.files[n].get("sha256"):
-                raise UserError(f"{p}: {'missing' if not p.is_file() else 'sha256 mismatch'}; "
-                                "re-create the task pack (`taskedge task export`) and copy it again")
+        own = verify_own(source, manifest, "re-create the task pack (`taskedge task export`) and copy it again")
         full = all((source / n).is_file() for n in self._base_files(manifest))
         if full:
             self.add_base(source, manifest)
@@ -255,6 +259,7 @@ class TaskStore:
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
+        self.collect()                        # the replaced task's blobs, and those of an add that died
         return rec
 
     def _shared_copy(self, src: Path, dst: Path, sha: str) -> None:

@@ -187,3 +187,16 @@ def test_adapt_task_records_state_and_accuracy(tmp_path, mlp_bundle, mlp_data):
     r = run_cli("adapt", mlp_bundle, "--task", "t", "--store", store, "--data", mlp_data / "train.npz")
     assert r.returncode == 2 and "not both" in r.stderr
     shutil.rmtree(tmp_path / "board2")
+
+
+def test_predict_on_a_damaged_task_file_is_one_line(tmp_path, mlp_bundle, mlp_data):
+    """Found by the fuzz suite: predict read a damaged allocation.npz (numpy traceback)."""
+    store = tmp_path / "store"
+    assert run_cli("task", "add", mlp_bundle, "--name", "t", "--store", store).returncode == 0
+    alloc = TaskStore(store).task_dir("t") / B.ALLOCATION
+    data = bytearray(alloc.read_bytes())
+    data[0] ^= 1
+    alloc.unlink()                                          # a new file: the stored one links to a blob
+    alloc.write_bytes(bytes(data))
+    r = run_cli("predict", "--task", "t", mlp_data / "test.npz", "--store", store)
+    assert r.returncode == 2 and "sha256 mismatch" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -166,6 +166,41 @@ def test_damaged_bundle_files(request, tmp_path, mlp_bundle, mlp_data):
     case()
 
 
+def test_task_commands_on_damaged_packs_and_stores(request, tmp_path, mlp_bundle, mlp_data):
+    """task add on a damaged pack (the store unchanged on exit 2); tasks, predict, task export and
+    task remove on a store with one damaged task file; random task names."""
+    seed = tmp_path / "seed"
+    assert run(["task", "add", mlp_bundle, "--name", "t", "--store", seed])[0] == 0
+    assert run(["task", "export", "t", "--store", seed, "-o", tmp_path / "packs" / "t.tar"])[0] == 0
+    files = sorted(p.name for p in (seed / "tasks" / "t").iterdir() if p.is_file() and p.name != B.WEIGHTS)
+    names = st.sampled_from(["t", "u", "", "-t", "../t", "a/b", "x" * 70, "t\n", ".t"])
+
+    @fuzz_settings(12 * scale(request))
+    @given(st.data())
+    def case(data):
+        store = tmp_path / "store"
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.copytree(seed, store)
+        pack = tmp_path / "packs" / "t.tar"
+        if data.draw(st.booleans()):                             # else the pack is fine (a --name may not be)
+            pack = damaged_copy(tmp_path / "packs", tmp_path / "p", ["t.tar"], data) / "t.tar"
+        before = tree_hash(store)
+        argv = ["task", "add", pack, "--store", store, "--replace"] + \
+            (["--name", data.draw(names)] if data.draw(st.booleans()) else [])
+        rc, _, err = run(argv)
+        oracle("task add on a damaged pack", argv, rc, err)
+        if rc == 2:
+            assert tree_hash(store) == before                    # nothing written
+        _flip(store / "tasks" / "t" / data.draw(st.sampled_from(files)), data)
+        name = data.draw(names)
+        for argv in (["tasks", "--store", store], ["predict", "--task", name, mlp_data / "test.npz", "--store", store],
+                     ["task", "export", name, "--store", store, "-o", tmp_path / "out.tar"],
+                     ["task", "remove", name, "--store", store]):
+            rc, _, err = run(argv)
+            oracle(" ".join(argv[:2] if argv[0] == "task" else argv[:1]) + " on a damaged store", argv, rc, err)
+    case()
+
+
 def test_damaged_data_and_control_files(request, tmp_path, mlp_bundle, mlp_data):
     @fuzz_settings(25 * scale(request))
     @given(st.data())
