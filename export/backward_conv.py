@@ -18,7 +18,7 @@ lower.py turns ConvGrad's dX into a plain Conv). All of it is exact.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import onnx
@@ -61,8 +61,12 @@ class _Conv:
         self.shape = idx_rows.shape
         self.idx = idx_rows
         self.depthwise = cg_in == 1 and self.group == self.rows and sp == 2
-        o_idx = np.repeat(np.arange(self.rows), self.k)                     # entry order = delta's [rows, k]
-        flat = idx_rows.reshape(-1).astype(np.int64)
+        # the rows that train (sub-neuron budgets: the others' delta is a constant zero, so their
+        # entries need no gradient); entry order = delta's [rows, k] over those rows
+        self.trained = None if layer.trained_rows is None else np.asarray(layer.trained_rows, np.int64)
+        rows = np.arange(self.rows) if self.trained is None else self.trained
+        o_idx = np.repeat(rows, self.k)
+        flat = idx_rows[rows].reshape(-1).astype(np.int64)
         offs = np.stack(np.unravel_index(flat % int(np.prod(self.kernel)), self.kernel), -1)
         c_abs = (o_idx // (self.rows // self.group)) * cg_in + flat // int(np.prod(self.kernel))
         # entries grouped by kernel offset (one strided slice each); `order` = entry index per position
@@ -77,9 +81,12 @@ class _Conv:
         self.ok = True
 
     def windows(self, e: Emitter, x: str, out_sp: str) -> str:
-        """P [N, entries (grouped), Ho, Wo]: the input window of every selected entry."""
-        parts = [strided_window(e, e("Gather", [x, e.c(chans)], axis=1), start, out_sp, self.strides)
-                 for start, chans, _, _ in self.groups]
+        """P [N, entries (grouped), Ho, Wo]: the input window of every selected entry (a 1x1
+        conv of stride 1 reads the whole input: no slice)."""
+        whole = all(k == 1 for k in self.kernel) and all(s == 1 for s in self.strides)
+        parts = [e("Gather", [x, e.c(chans)], axis=1) for _, chans, _, _ in self.groups]
+        if not whole:
+            parts = [strided_window(e, p, start, out_sp, self.strides) for p, (start, _, _, _) in zip(parts, self.groups)]
         return e("Concat", parts, axis=1) if len(parts) > 1 else parts[0]
 
     def padded(self, e: Emitter, x: str) -> str:
@@ -100,9 +107,16 @@ def _sparse_weight_grad(G: GraphEdit, c: _Conv) -> bool:
     e = Emitter(G, f"{c.w}.taskedge_sbconv")
     out_sp = e("Slice", [e("Shape", [dy]), e.c([2]), e.c([2 + c.spatial])])
     p = c.windows(e, c.padded(e, x), out_sp)
-    dys = e("Gather", [dy, e.c(c.o_of)], axis=1)
+    same = len(c.o_of) == c.rows and (c.o_of == np.arange(c.rows)).all()          # one entry per row, in order
+    dys = dy if same else e("Gather", [dy, e.c(c.o_of)], axis=1)
     vals = e("ReduceSum", [e("Mul", [p, dys]), e.c([0] + list(range(2, 2 + c.spatial)))], keepdims=0)
-    e("Reshape", [e("Gather", [vals, e.c(c.inverse)], axis=0), e.c(list(c.shape))], c.upd_grad)
+    if (c.inverse != np.arange(len(c.inverse))).any():
+        vals = e("Gather", [vals, e.c(c.inverse)], axis=0)
+    if c.trained is None:
+        e("Reshape", [vals, e.c(list(c.shape))], c.upd_grad)
+    else:                                    # zeros where the rows do not train (k == 1)
+        e("ScatterElements", [e.edit.const(f"{c.w}.taskedge_sbconv_zeros", np.zeros(c.shape, np.float32)),
+                              e.c(c.trained.reshape(-1, 1)), e("Unsqueeze", [vals, e.c([1])])], c.upd_grad, axis=0)
     G.replace(c.pick, e.nodes)
     c.cg.output[1] = ""                                                     # no dense weight gradient
     return True
@@ -117,35 +131,47 @@ def _delta_of(G: GraphEdit, c: _Conv) -> Optional[str]:
 def _constant_weight_depthwise(G: GraphEdit, c: _Conv) -> bool:
     """Depthwise: every entry's window is a depthwise conv of x with a constant one-hot kernel
     (the selection is fixed at export), so forward, gradient and adjoint all run as convs with
-    constant weights -- onnxruntime's fast depthwise path -- plus a few elementwise ops."""
+    constant weights -- onnxruntime's fast depthwise path -- plus a few elementwise ops. With a
+    budget below one entry per neuron only the trained channels R get windows; their terms are
+    added at R by a ScatterND (one copy of y, of dx) instead of computed for every channel."""
     delta = _delta_of(G, c)
     if delta is None:
         return _sparse_weight_grad(G, c)
     sp = c.spatial
     rows, k = c.shape
-    conv_attrs = dict(kernel_shape=c.kernel, strides=c.strides, dilations=c.dil, pads=c.pads, group=rows)
+    chans = np.arange(rows) if c.trained is None else c.trained          # the channels that train
+    n = len(chans)
     onehots = []
-    for j in range(k):                                   # kernel j: entry (o, j) of every channel o
-        e_j = np.zeros([rows, 1] + c.kernel, np.float32)
-        for o in range(rows):
-            e_j[(o, 0) + tuple(np.unravel_index(int(c.idx[o, j]), c.kernel))] = 1.0
+    for j in range(k):                                   # kernel j: entry (o, j) of every channel o in chans
+        e_j = np.zeros([n, 1] + c.kernel, np.float32)
+        for i, o in enumerate(chans):
+            e_j[(i, 0) + tuple(np.unravel_index(int(c.idx[o, j]), c.kernel))] = 1.0
         onehots.append(G.const(f"{c.w}.taskedge_window_{j}", e_j))
-    bshape = [1, rows] + [1] * sp
     # forward: y = Conv(x, W) + sum_j delta[:, j] * P_j
     f = Emitter(G, f"{c.w}.taskedge_dwfwd")
     x, y, y0 = c.fwd.input[0], c.fwd.output[0], f"{c.w}.taskedge_dw_y0"
     c.fwd.input[1] = c.w
     c.fwd.output[0] = y0
-    d_cols = [f("Reshape", [f("Gather", [delta, f.c(j)], axis=1), f.c(bshape)]) for j in range(k)]
-    windows = [f("Conv", [x, e_j], **conv_attrs) for e_j in onehots]
-    f("Sum", [y0] + [f("Mul", [p, d]) for p, d in zip(windows, d_cols)], y)
+    sub = (lambda e, t, axis: t) if c.trained is None else (lambda e, t, axis: e("Gather", [t, e.c(chans)], axis=axis))
+    xs, d = sub(f, x, 1), sub(f, delta, 0)
+    d_cols = [f("Reshape", [f("Gather", [d, f.c(j)], axis=1), f.c([1, n] + [1] * sp)]) for j in range(k)]
+    windows = [f("Conv", [xs, e_j], kernel_shape=c.kernel, strides=c.strides, dilations=c.dil, pads=c.pads, group=n)
+               for e_j in onehots]
+    at = None if c.trained is None else _channel_index(f, x, chans)
+    _add_at(f, y0, [f("Mul", [p, dj]) for p, dj in zip(windows, d_cols)], at, y)
     G.insert_after(c.fwd, f.nodes)
     # backward: d delta[:, j] = sum(dy * P_j) over batch and space (replacing ORT's pick from the dense gradient)
     dy = c.cg.input[0]
     b = Emitter(G, f"{c.w}.taskedge_dwbwd")
+    dys = sub(b, dy, 1)
     axes = b.c([0] + list(range(2, 2 + sp)))
-    cols = [b("Unsqueeze", [b("ReduceSum", [b("Mul", [dy, p]), axes], keepdims=0), b.c([1])]) for p in windows]
-    b("Concat", cols, c.upd_grad, axis=1)
+    cols = [b("Unsqueeze", [b("ReduceSum", [b("Mul", [dys, p]), axes], keepdims=0), b.c([1])]) for p in windows]
+    if c.trained is None:
+        b("Concat", cols, c.upd_grad, axis=1)
+    else:                                                # zeros where the rows do not train
+        b("ScatterElements", [G.const(f"{c.w}.taskedge_dw_zeros", np.zeros(c.shape, np.float32)),
+                              b.c(np.repeat(chans.reshape(-1, 1), k, 1)), b("Concat", cols, axis=1)],
+          c.upd_grad, axis=0)
     G.replace(c.pick, b.nodes)
     c.cg.input[2] = c.w                                  # constant: lowered to a Conv (lower.py)
     c.cg.output[1] = ""
@@ -155,13 +181,33 @@ def _constant_weight_depthwise(G: GraphEdit, c: _Conv) -> bool:
     a = Emitter(G, f"{c.w}.taskedge_dwdx")
     dx = c.cg.output[0]
     c.cg.output[0] = f"{c.w}.taskedge_dw_dx0"
-    grad_attrs = {at.name: onnx.helper.get_attribute_value(at) for at in c.cg.attribute}
-    parts = [c.cg.output[0]]
+    grad_attrs = {att.name: onnx.helper.get_attribute_value(att) for att in c.cg.attribute}
+    grad_attrs["group"] = n
+    parts = []
     for j, e_j in enumerate(onehots):
         out = f"{c.w}.taskedge_dw_dx_window_{j}"
-        a.nodes.append(onnx.helper.make_node("ConvGrad", [a("Mul", [dy, d_cols[j]]), x, e_j], [out, "", ""],
+        a.nodes.append(onnx.helper.make_node("ConvGrad", [a("Mul", [dys, d_cols[j]]), xs, e_j], [out, "", ""],
                                              name=out, domain="com.microsoft", **grad_attrs))
         parts.append(out)
-    a("Sum", parts, dx)
+    _add_at(a, c.cg.output[0], parts, at, dx)
     G.insert_after(c.cg, a.nodes)
     return True
+
+
+def _channel_index(e: Emitter, x: str, chans: np.ndarray) -> str:
+    """[N, len(chans), 2] indices (n, chans[i]) of a ScatterND that writes whole [H, W] planes."""
+    n = len(chans)
+    batch = e("Slice", [e("Shape", [x]), e.c([0]), e.c([1])])
+    ns = e("Range", [e.c(0), e("Squeeze", [batch, e.c([0])]), e.c(1)])
+    dims = e("Concat", [batch, e.c([n, 1])], axis=0)
+    b_idx = e("Expand", [e("Reshape", [ns, e.c([-1, 1, 1])]), dims])
+    c_idx = e("Expand", [e.c(chans.reshape(1, n, 1)), dims])
+    return e("Concat", [b_idx, c_idx], axis=2)
+
+
+def _add_at(e: Emitter, base: str, terms: List[str], at: Optional[str], out: str) -> None:
+    """out = base + the sum of terms, added at the channels of `at` (all channels when None)."""
+    if at is None:
+        e("Sum", [base] + terms, out)
+        return
+    e("ScatterND", [base, at, e("Sum", terms) if len(terms) > 1 else terms[0]], out, reduction="add")

@@ -35,22 +35,30 @@ def _reference_outputs(ref, feeds, params):
 
 
 @pytest.mark.parametrize("model,extra", [("cnn", {}), ("cnn", {"dense_backward": True}),
+                                         ("strided", {}), ("strided", {"budget": 0.05}),
                                          ("mlp", {"lora_rank": 2}), ("mlp", {"formulation": {"Gemm": "gather"}})])
 def test_step_graph_matches_ort_training_graph(tmp_path, cnn_onnx, mlp_onnx, model, extra):
     """The lowered standard-ONNX step graph gives ORT-training's loss and gradients (conv, depthwise,
-    3-D MatMul, sparse LoRA, the gather path), with a non-zero trainable state."""
+    strided, ReLU6 (its mask read from the output: export/backward_act.py), a budget below one entry
+    per neuron, 3-D MatMul, sparse LoRA, the gather path), with a non-zero trainable state."""
     rng = np.random.default_rng(0)
-    if model == "cnn":
-        x = {"pixels": rng.standard_normal((8, 1, 8, 8)).astype(np.float32)}
-        path, budget, classes = cnn_onnx, 0.2, 4
+    if model in ("cnn", "strided"):
+        size = 8 if model == "cnn" else 9
+        x = {"pixels": rng.standard_normal((8, 1, size, size)).astype(np.float32)}
+        path, budget, classes = cnn_onnx if model == "cnn" else _strided_cnn(tmp_path / "s.onnx"), 0.2, 4
     else:
         x = {"x": rng.standard_normal((8, 16)).astype(np.float32)}
         path, budget, classes = mlp_onnx, 0.05, 3
     np.savez(tmp_path / "c.npz", **x)
     out, ref = tmp_path / "b", tmp_path / "ref"
-    m = export_bundle(ExportConfig(model=str(path), out=str(out), calib=str(tmp_path / "c.npz"), budget=budget,
+    extra = {"budget": budget, **extra}
+    m = export_bundle(ExportConfig(model=str(path), out=str(out), calib=str(tmp_path / "c.npz"),
                                    num_classes=classes, ort_reference=str(ref), **extra), log=lambda s: None)
     standard_only(out)
+    if model == "strided":
+        assert any(l.trained_rows for l in m.layers) == (extra["budget"] < 0.1)
+        ops = {n.op_type for n in onnx.load(str(out / "step_model.onnx"), load_external_data=False).graph.node}
+        assert "Clip" in ops and not ops & {"GreaterOrEqual", "LessOrEqual"}         # ReLU6 masks from the output
     tr = open_trainer(out)
     params = {n: (a + 0.3 * rng.standard_normal(a.shape)).astype(np.float32) for n, a in tr.state.params.items()}
     tr.state.params.update(params)
