@@ -61,6 +61,8 @@ def sweeps(run: dict) -> str:
 
 def format_md(rep: dict) -> str:
     out = ["# TaskEdge CNN bench: distribution shift and unseen classes", "",
+           *(["**Partial: the run is still going (this file is rewritten after every variant).**", ""]
+             if rep.get("partial") else []),
            f"{'quick' if rep['quick'] else 'full'} run, seed {rep['seed']}, {rep['steps']} steps of batch "
            f"{rep['batch']} per learning rate (constant after {rep['warmup']} warm-up steps; step time = median "
            f"after the first {rep['skip']}), {rep['threads']} threads, CPU. Every variant ran in its own fresh "

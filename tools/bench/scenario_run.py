@@ -92,7 +92,8 @@ def _worker(job_path: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run_scenario(model: str, scenario: str, cfg: dict, variants: list, work: Path, seed: int, log) -> dict:
+def run_scenario(model: str, scenario: str, cfg: dict, variants: list, work: Path, seed: int, log,
+                 on_row=lambda run: None) -> dict:
     from taskedge.export.ingest import ingest
     from taskedge.tools import demo_data as D
     import onnx
@@ -148,11 +149,17 @@ def run_scenario(model: str, scenario: str, cfg: dict, variants: list, work: Pat
                 flops["optimizer"] = rows[twin]["flops"]["optimizer"]      # the same matrices, the same code
                 flops["step"] += flops["optimizer"]
         rows[name] = {**r, "engine": engine, "family": family, "param": param, "flops": flops}
+        on_row(_run_record(model, scenario, classes, head_note, data, rows))
         log(f"{model}/{scenario}/{name}: acc {r['accuracy']:.3f} (lr {r['lr']:g}), {r['step_ms']:.0f} ms/step, "
             f"peak {r['peak_rss_mb']:.0f} MB, {flops['step'] / 1e9:.2f} GFLOP/step ({time.perf_counter() - t:.0f}s)")
-    return {"model": model, "title": net["title"], "scenario": scenario, "classes": classes, "head": head_note,
-            "n_train": len(data["train"]["labels"]), "n_val": len(data["val"]["labels"]),
-            "n_test": len(data["test"]["labels"]), "variants": rows}
+    return _run_record(model, scenario, classes, head_note, data, rows)
+
+
+def _run_record(model, scenario, classes, head_note, data, rows) -> dict:
+    from .scenarios import CNNS
+    return {"model": model, "title": CNNS[model]["title"], "scenario": scenario, "classes": classes,
+            "head": head_note, "n_train": len(data["train"]["labels"]), "n_val": len(data["val"]["labels"]),
+            "n_test": len(data["test"]["labels"]), "variants": dict(rows)}
 
 
 def _galore_flops(state: Path, rank: int, head: list) -> int:
@@ -179,15 +186,25 @@ def run_scenarios(scenarios, quick: bool = False, steps: int = None, seed: int =
     load0 = round(os.getloadavg()[0], 2)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="taskedge-cnn-bench-"))
     try:
-        runs = [run_scenario(m, s, cfg, variants, work, seed, log) for m in (models or cfg["models"]) for s in scenarios]
-        report = {"quick": quick, "seed": seed, "steps": cfg["steps"], "batch": cfg["batch"], "warmup": cfg["warmup"],
-                  "skip": cfg["skip"], "threads": THREADS, "head_lr": HEAD_LR,
-                  "grids": {k: v[3] for k, v in CNN_VARIANTS.items() if k in variants}, "runs": runs,
-                  "loadavg": [load0, round(os.getloadavg()[0], 2)], "cpus": os.cpu_count(),
-                  "wall_seconds": round(time.perf_counter() - t0, 1)}
-        if out:
-            R.write(report, out, log)
-        return report
+        runs = []
+
+        def report(partial: bool) -> dict:
+            rep = {"quick": quick, "partial": partial, "seed": seed, "steps": cfg["steps"], "batch": cfg["batch"],
+                   "warmup": cfg["warmup"], "skip": cfg["skip"], "threads": THREADS, "head_lr": HEAD_LR,
+                   "grids": {k: v[3] for k, v in CNN_VARIANTS.items() if k in variants}, "runs": runs,
+                   "loadavg": [load0, round(os.getloadavg()[0], 2)], "cpus": os.cpu_count(),
+                   "wall_seconds": round(time.perf_counter() - t0, 1)}
+            if out:             # rewritten after every variant: a long run can be read while it goes
+                R.write(rep, out, log if not partial else (lambda m: None))
+            return rep
+        def progress(run: dict) -> None:
+            runs[-1] = run
+            report(True)
+        for m in models or cfg["models"]:
+            for s in scenarios:
+                runs.append(None)
+                runs[-1] = run_scenario(m, s, cfg, variants, work, seed, log, on_row=progress)
+        return report(False)
     finally:
         if not workdir:
             shutil.rmtree(work, ignore_errors=True)
