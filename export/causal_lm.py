@@ -144,8 +144,9 @@ def _append_head(model: onnx.ModelProto, head_weight: str, hidden: str) -> None:
     edit.commit()
 
 
-def export_onnx(lm, opset: int) -> Tuple[onnx.ModelProto, str]:
-    """The forward graph (TorchScript exporter) and the name of its frozen head/embedding weight."""
+def export_onnx(lm, opset: int) -> Tuple[onnx.ModelProto, Tuple[str, str]]:
+    """The forward graph (TorchScript exporter) and the names of its embedding and LM head weights
+    (the same name when they are tied)."""
     wrapper = CausalLM(lm).eval()
     ids = torch.randint(0, min(1000, lm.config.vocab_size), (2, 8))
     mask = torch.ones_like(ids)

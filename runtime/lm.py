@@ -86,7 +86,8 @@ class LMDataset(Dataset):
 def load_jsonl(path: Path, enc: Encoder, skip_bad: bool = False) -> LMDataset:
     pairs, lines, skipped = [], [], 0
     try:
-        raw_lines = list(enumerate(open(path, "rb"), 1))
+        with open(path, "rb") as f:
+            raw_lines = list(enumerate(f, 1))
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     for line_no, raw in raw_lines:
