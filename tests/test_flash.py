@@ -15,8 +15,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 
+import numpy as np
 import pytest
 
 from conftest import run_cli
@@ -152,3 +154,35 @@ def test_flash_errors(sshd, packed_tar, tmp_path):
     r = run_cli("flash", packed_tar, sshd["target"], "--port", _free_port(), "--identity", sshd["key"],
                 "-o", f"UserKnownHostsFile={sshd['known_hosts']}", timeout=60)
     assert r.returncode == 255 and "ssh to" in r.stderr
+
+
+@pytest.mark.slow
+def test_flash_task_packs_after_the_base(sshd, packed_tar, mlp_bundle, mlp_onnx, mlp_data, cnn_onnx, tmp_path):
+    """The base goes over once (the full pack); a task pack after it sends only the task (issue 12);
+    a task pack for a base the board lacks is refused on the board (exit 2, the fix named)."""
+    from taskedge.export.config import ExportConfig
+    from taskedge.export.exporter import export_bundle
+    board = tmp_path / "board"
+    common = [sshd["target"], "--port", sshd["port"], "--identity", sshd["key"], "--prefix", board,
+              "-o", f"UserKnownHostsFile={sshd['known_hosts']}"]
+    r = run_cli("flash", packed_tar, *common, "--python", sys.executable, "--no-deps", "--system-site-packages",
+                timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (board / "store" / "tasks" / "default" / "manifest.json").is_file()     # install.sh stored the base
+    export_bundle(ExportConfig(model=str(mlp_onnx), out=str(tmp_path / "b2"), calib=str(mlp_data / "test.npz"),
+                               budget=0.1, num_classes=4, seed=2), log=lambda m: None)
+    np.savez(tmp_path / "c.npz", pixels=np.random.default_rng(0).standard_normal((8, 1, 8, 8)).astype(np.float32))
+    export_bundle(ExportConfig(model=str(cnn_onnx), out=str(tmp_path / "cnn"), calib=str(tmp_path / "c.npz"),
+                               budget=0.1, num_classes=3), log=lambda m: None)
+    for src, name in ((tmp_path / "b2", "four"), (tmp_path / "cnn", "cnn")):
+        assert run_cli("task", "export", src, "-o", tmp_path / f"{name}.tar", "--name", name).returncode == 0
+    with tarfile.open(tmp_path / "four.tar") as tar:
+        assert "weights.bin" not in tar.getnames()                      # the base is not sent again
+    r = run_cli("flash", tmp_path / "four.tar", *common, "--json", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["doctor"]["name"] == "four"
+    r = ssh(sshd, f"{board}/venv/bin/taskedge", "tasks", "--store", f"{board}/store", "--json")
+    assert [t["name"] for t in json.loads(r.stdout)["tasks"]] == ["default", "four"]
+    r = run_cli("flash", tmp_path / "cnn.tar", *common, timeout=120)
+    assert r.returncode == 2 and "is not on this board" in r.stderr and "taskedge flash" in r.stderr, r.stderr
+    assert not (board / "store" / "tasks" / "cnn").exists()

@@ -45,7 +45,7 @@ def flash_command(archive, target: str, port: int = 22, prefix: str = "~/taskedg
         raise UserError(f"archive not found: {archive} (make it with `taskedge pack BUNDLE --profile P -o FILE`)")
     if not TARGET.test(target):
         raise UserError(f"give the board as user@host, not {target!r}")
-    check_archive(archive)
+    task_pack = check_archive(archive)
     if identity and not Path(identity).expanduser().is_file():
         raise UserError(f"identity file not found: {identity}")
     for tool in ("bash", "ssh", "scp"):
@@ -62,12 +62,15 @@ def flash_command(archive, target: str, port: int = 22, prefix: str = "~/taskedg
         cmd += ["-o", o]
     if json_out:
         cmd.append("--json")
+    if task_pack:
+        cmd.append("--task-pack")
     return cmd + [str(archive), target]
 
 
-def check_archive(archive) -> None:
+def check_archive(archive) -> bool:
     """Refuse, before anything is copied, an archive that install.sh would refuse on the board:
-    the same safe extraction and SHA256SUMS check (into a temp folder), and the installer members."""
+    the same safe extraction and SHA256SUMS check (into a temp folder), and the installer members.
+    True for a task pack (`taskedge task export`: only the task, added to the board's store)."""
     import tempfile
     from .pack import INSTALL, PROFILE, PackError, unpack
     with tempfile.TemporaryDirectory(prefix="taskedge-flash-check-") as tmp:
@@ -76,11 +79,14 @@ def check_archive(archive) -> None:
         except PackError as e:
             raise UserError(f"{e} (nothing was copied to the board)") from None
         root = Path(tmp) / "x"
+        if (root / "task.json").is_file() and not (root / INSTALL).exists():
+            return True
         missing = [m for m in (INSTALL, PROFILE, "installer/unpack.py", "bundle/manifest.json")
                    if not (root / m).is_file()] + ([] if any((root / "wheels").glob("taskedge-*.whl")) else ["wheels/"])
         if missing:
             raise UserError(f"{archive}: not a `taskedge pack` archive (no {', '.join(missing)}); make it with "
                             "`taskedge pack BUNDLE --profile P -o FILE` (nothing was copied to the board)")
+    return False
 
 
 def flash(archive, target: str, json_out: bool = False, timeout: Optional[float] = None, **kw) -> dict:
@@ -115,7 +121,9 @@ def register(sub) -> None:
                                    "check, venv at --prefix, pip install of the runtime wheel, with the CPU "
                                    "onnxruntime unless the venv already has one), then "
                                    "`taskedge doctor` with the packed profile. Exit status: the doctor's "
-                                   "(0/1), 3 if the copy or install failed, 255 if ssh failed.")
+                                   "(0/1), 3 if the copy or install failed, 255 if ssh failed. A task pack "
+                                   "(`taskedge task export`) is only copied and added to the board's task store "
+                                   "(PREFIX/store), its base flashed before; exit 2 if the board lacks the base.")
     f.add_argument("archive", help="the tar written by `taskedge pack` (checked here before it is copied)")
     f.add_argument("target", type=arg_type(str, TARGET), help="user@host of the board")
     f.add_argument("-p", "--port", type=arg_type(int, PORT), default=22, help="ssh port (default 22)")

@@ -10,6 +10,8 @@
 #     --system-site-packages    the venv sees --python's packages (e.g. NVIDIA's onnxruntime-gpu)
 #     -o OPTION                 extra ssh/scp option, e.g. -o UserKnownHostsFile=FILE (repeatable)
 #     --json                    print the doctor's report as JSON on stdout
+#     --task-pack               ARCHIVE is a task pack (taskedge task export): copy it and run
+#                               `taskedge task add` into PREFIX/store (exit 2: the board lacks its base)
 #
 # Steps: ssh mkdir PREFIX/incoming -> scp the tar -> ssh: run the tar's install.sh (safe unpack +
 # sha256 check, venv, pip install) -> taskedge doctor --profile PREFIX/release/profile.toml.
@@ -18,7 +20,7 @@
 set -euo pipefail
 
 usage() { sed -n '2,20p' "$0" >&2; exit 2; }
-PORT=22 PREFIX="~/taskedge" IDENTITY="" PY="python3" JSON=0
+PORT=22 PREFIX="~/taskedge" IDENTITY="" PY="python3" JSON=0 TASKPACK=0
 INSTALL_OPTS=() SSH_OPTS=(-o BatchMode=yes -o StrictHostKeyChecking=accept-new)
 POS=()
 while [ $# -gt 0 ]; do
@@ -30,6 +32,7 @@ while [ $# -gt 0 ]; do
     --no-deps|--system-site-packages) INSTALL_OPTS+=("$1"); shift ;;
     -o) SSH_OPTS+=(-o "$2"); shift 2 ;;
     --json) JSON=1; shift ;;
+    --task-pack) TASKPACK=1; shift ;;
     -h|--help) usage ;;
     -*) echo "flash.sh: unknown option $1" >&2; usage ;;
     *) POS+=("$1"); shift ;;
@@ -58,6 +61,18 @@ RTAR="$RPREFIX/incoming/$(basename "$TAR")"
 log "copying $TAR ($(wc -c <"$TAR") bytes) -> $TARGET:$RTAR"
 scp -q "${SSH_OPTS[@]}" -P "$PORT" "$TAR" "$TARGET:$RTAR.part" </dev/null || { log "scp failed"; exit 3; }
 rssh "mv -f $(q "$RTAR.part" "$RTAR")" </dev/null || { log "rename on the board failed"; exit 3; }
+
+# a task pack: only the task goes in, into the store next to the tasks already there
+if [ "$TASKPACK" = 1 ]; then
+  ADD=(task add "$RTAR" --store "$RPREFIX/store" --replace)
+  [ "$JSON" = 1 ] && ADD+=(--json)
+  log "adding the task to $RPREFIX/store"
+  set +e
+  rssh "$(q "$RPREFIX/venv/bin/taskedge" "${ADD[@]}")" </dev/null
+  rc=$?
+  [ "$rc" = 127 ] && log "no runtime at $RPREFIX/venv: flash the base pack (taskedge pack BUNDLE ...) first"
+  exit "$rc"
+fi
 
 # 3. install with the archive's own install.sh, 4. doctor
 DOCTOR=(doctor --profile "$RPREFIX/release/profile.toml")

@@ -3,7 +3,7 @@
 # Needs bash, tar and Python >= 3.9 with venv.
 #
 #   bash install.sh --tar bundle.tar [--prefix ~/taskedge] [--python python3]
-#                   [--no-deps] [--system-site-packages] [--ort-wheel PATH]
+#                   [--no-deps] [--system-site-packages] [--ort-wheel PATH] [--task-name NAME]
 #   (read it straight from the archive: tar -xOf bundle.tar install.sh | bash -s -- --tar bundle.tar)
 #
 # 1. unpacks the archive safely into PREFIX/release (no absolute paths, no '..', no links leaving
@@ -25,10 +25,12 @@
 # --ort-wheel PATH        pip install this onnxruntime wheel first: for the CUDA EP on a Jetson,
 #                         NVIDIA's onnxruntime-gpu wheel for your JetPack (Jetson Zoo /
 #                         pypi.jetson-ai-lab); the runtime wheel then goes in without the extra.
+# --task-name NAME        the bundle's name in the task store PREFIX/store (default: default); its base
+#                         is stored there once, and `taskedge flash TASK.tar` adds more tasks over it.
 set -euo pipefail
 exec 1>&2   # progress goes to stderr; stdout stays free for the caller (e.g. doctor --json)
 
-TAR="" PREFIX="${HOME}/taskedge" PY="python3" NODEPS=0 SYSSITE=0 ORTWHEEL=""
+TAR="" PREFIX="${HOME}/taskedge" PY="python3" NODEPS=0 SYSSITE=0 ORTWHEEL="" TASKNAME="default"
 while [ $# -gt 0 ]; do
   case "$1" in
     --tar) TAR="$2"; shift 2 ;;
@@ -37,7 +39,8 @@ while [ $# -gt 0 ]; do
     --no-deps) NODEPS=1; shift ;;
     --system-site-packages) SYSSITE=1; shift ;;
     --ort-wheel) ORTWHEEL="$2"; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0" 2>/dev/null || true; exit 0 ;;
+    --task-name) TASKNAME="$2"; shift 2 ;;
+    -h|--help) sed -n '2,29p' "$0" 2>/dev/null || true; exit 0 ;;
     *) echo "install.sh: unknown option $1 (see --help)"; exit 2 ;;
   esac
 done
@@ -100,6 +103,10 @@ has_ort || { echo "install.sh: no onnxruntime in $VENV: run without --no-deps, o
 assert not [m for m in sys.modules if m.split(".")[0] == "torch" or m.startswith("onnxruntime.training")]' \
   || { echo "install.sh: the runtime does not import (or it loaded torch); see the output above"; exit 1; }
 
+# the release's bundle is also a task in the store (PREFIX/store): its base is stored once (hard-linked),
+# and task packs flashed later (taskedge flash TASK.tar) add tasks over it without sending the base again
+"$VENV/bin/taskedge" task add "$PREFIX/release/bundle" --name "$TASKNAME" --store "$PREFIX/store" --replace \
+  || echo "install.sh: note: the bundle was not added to the task store (see above); adapt it as a folder"
 echo "installed. Next:"
 echo "  $VENV/bin/taskedge doctor --profile $PREFIX/release/profile.toml"
 echo "  $VENV/bin/taskedge adapt $PREFIX/release/bundle --profile $PREFIX/release/profile.toml \\"
