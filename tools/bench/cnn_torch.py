@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .cnn_peers import SCALE
+from .cnn_worker import HostOptimizer
 from .worker import load_npz
 
 
@@ -95,7 +95,6 @@ def adapt(body: nn.Module, family: str, rank: int, seed: int, bundle=None) -> No
 class TorchCNNEngine:
     def __init__(self, job: dict, lr: float):
         from importlib import import_module
-        from taskedge.runtime.optim import AdamW
         torch.set_num_threads(job["threads"])
         torch.manual_seed(job["seed"])
         module, fn = job["factory"].split(":")
@@ -109,16 +108,8 @@ class TorchCNNEngine:
         self.body = body
         self.tensors = {f"body.{n}": p for n, p in body.named_parameters() if p.requires_grad}
         self.tensors.update({"head.weight": self.head.weight, "head.bias": self.head.bias})
-        self.params = {n: p.data.numpy() for n, p in self.tensors.items()}       # the optimizers' views
-        self.lrs = {n: (job["head_lr"] if n.startswith("head.") and job["family"] != "probe" else lr)
-                    for n in self.params}
-        if job["family"] == "galore":
-            from .galore import GaLoreAdamW
-            self.opt = GaLoreAdamW(self.params, job["rank"], dense=["head.weight", "head.bias"])
-        else:
-            self.adamw, self.t, self.opt = AdamW(), 0, None
-            self.m = {n: np.zeros_like(a) for n, a in self.params.items()}
-            self.v = {n: np.zeros_like(a) for n, a in self.params.items()}
+        self.params = {n: p.data.numpy() for n, p in self.tensors.items()}       # the optimizer's views
+        self.opt = HostOptimizer(self.params, ["head.weight", "head.bias"], job, lr)
 
     def forward(self, pixels):
         return self.head(self.body(pixels))
@@ -128,16 +119,8 @@ class TorchCNNEngine:
             p.grad = None
         loss = F.cross_entropy(self.forward(torch.from_numpy(batch[0])), torch.from_numpy(batch[1]))
         loss.backward()
-        grads = {n: p.grad.numpy() for n, p in self.tensors.items()}
-        lrs = {n: lr * scale for n, lr in self.lrs.items()}
-        if self.opt is not None:
-            self.opt.step(self.params, grads, lrs)
-        else:
-            self.t += 1
-            for rate in sorted(set(lrs.values())):
-                group = [n for n in self.params if lrs[n] == rate]
-                self.adamw.step({n: self.params[n] for n in group}, grads, self.m, self.v, self.t, rate)
-        return float(loss)
+        self.opt.step({n: p.grad.numpy() for n, p in self.tensors.items()}, scale)
+        return float(loss.detach())
 
     def logits(self, pixels, labels):
         with torch.no_grad():

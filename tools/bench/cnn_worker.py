@@ -23,37 +23,45 @@ import numpy as np
 from .worker import load_npz, save_npz
 
 
+class HostOptimizer:
+    """The runtime's numpy AdamW (or GaLore for the galore family) over named arrays, updated in
+    place; the head (names `head`) at job["head_lr"] unless the head is all that trains (probe)."""
+
+    def __init__(self, params: dict, head, job: dict, lr: float):
+        from taskedge.runtime.optim import AdamW
+        self.params, head = params, set(head)
+        self.lrs = {n: (job["head_lr"] if n in head and job["family"] != "probe" else lr) for n in params}
+        if job["family"] == "galore":
+            from .galore import GaLoreAdamW
+            self.galore = GaLoreAdamW(params, job["rank"], dense=head)
+        else:
+            self.galore, self.adamw, self.t = None, AdamW(), 0
+            self.m = {n: np.zeros_like(a) for n, a in params.items()}
+            self.v = {n: np.zeros_like(a) for n, a in params.items()}
+
+    def step(self, grads: dict, scale: float) -> None:
+        lrs = {n: lr * scale for n, lr in self.lrs.items()}
+        if self.galore is not None:
+            return self.galore.step(self.params, grads, lrs)
+        self.t += 1
+        for rate in sorted(set(lrs.values())):           # one AdamW call per learning rate group
+            group = [n for n in self.params if lrs[n] == rate]
+            self.adamw.step({n: self.params[n] for n in group}, grads, self.m, self.v, self.t, rate)
+
+
 class PeerEngine:
     def __init__(self, job: dict, lr: float):
-        from taskedge.runtime.optim import AdamW
         from taskedge.runtime.trainer import open_session
         folder = Path(job["artifacts"])
         self.info = json.loads((folder / "peer.json").read_text())
         self.session = open_session(folder / "step.onnx", job["threads"])
         self.eval_path, self.threads, self._eval = folder / "eval.onnx", job["threads"], None
-        self.params = load_npz(folder / "init.npz")
-        head = set(self.info["head"])
-        self.lrs = {n: (job["head_lr"] if n in head and self.info["family"] != "probe" else lr) for n in self.params}
-        if job["family"] == "galore":
-            from .galore import GaLoreAdamW
-            self.opt = GaLoreAdamW(self.params, job["rank"], dense=head)
-        else:
-            self.adamw, self.t = AdamW(), 0
-            self.m = {n: np.zeros_like(a) for n, a in self.params.items()}
-            self.v = {n: np.zeros_like(a) for n, a in self.params.items()}
-            self.opt = None
+        self.opt = HostOptimizer(load_npz(folder / "init.npz"), self.info["head"], job, lr)
+        self.params = self.opt.params
 
     def step(self, batch, scale: float) -> float:
         out = self.session.run(None, {"pixels": batch[0], "labels": batch[1], **self.params})
-        grads = dict(zip(self.info["trainable"], out[2:]))
-        lrs = {n: lr * scale for n, lr in self.lrs.items()}
-        if self.opt is not None:
-            self.opt.step(self.params, grads, lrs)
-        else:
-            self.t += 1
-            for rate in sorted(set(lrs.values())):       # one AdamW call per learning rate group
-                group = [n for n in self.params if lrs[n] == rate]
-                self.adamw.step({n: self.params[n] for n in group}, grads, self.m, self.v, self.t, rate)
+        self.opt.step(dict(zip(self.info["trainable"], out[2:])), scale)
         return float(out[0])
 
     def logits(self, pixels, labels):
