@@ -26,7 +26,7 @@ from taskedge.runtime.fleet import faults, report             # noqa: E402
 from taskedge.runtime.fleet.options import FleetOptions       # noqa: E402
 from taskedge.runtime.trainer import TrainState               # noqa: E402
 from taskedge.tools.fleet_experiment import label_skew        # noqa: E402
-from taskedge.tools.fleet_local import LocalFleet             # noqa: E402
+from taskedge.tools.fleet_local import LocalFleet, free_port  # noqa: E402
 
 
 def _wait_for_round(state_dir, r, timeout=240.0):
@@ -101,3 +101,43 @@ def test_fleet_faults_on_loopback(tmp_path, mlp_bundle, mlp_data, record):
     for step in store.steps():
         assert TrainState.from_file(store.path(step), names).finite()
     assert all(r["accuracy"] is not None for r in rep["rounds"])
+
+
+@pytest.mark.slow
+def test_fleet_with_tls_and_supernode_authentication(tmp_path, mlp_bundle, mlp_data, record):
+    """TLS and SuperNode authentication as Flower provides them: registered boards train a round over
+    TLS; a board whose key was never registered is refused by the SuperLink."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from taskedge.tools import fleet_certs
+    with np.load(mlp_data / "train.npz") as z:
+        x, y = z["x"], z["labels"]
+    opts = FleetOptions(bundle=str(mlp_bundle), state_dir=str(tmp_path / "server"), rounds=1, local_steps=3,
+                        lr=0.01, batch_size=16, min_clients=2, eval_data=str(mlp_data / "test.npz")).resolved()
+    with LocalFleet(tmp_path / "fleet", secure=True) as fleet:
+        for i, idx in enumerate(label_skew(y, 2, seed=0)):
+            np.savez(tmp_path / f"shard{i}.npz", x=x[idx], labels=y[idx])
+            fleet.add_board(mlp_bundle, tmp_path / f"shard{i}.npz")
+        fleet.start()
+        rogue = fleet_certs.make(tmp_path / "rogue", 1)["boards"][0][0]
+        log = tmp_path / "rogue.log"
+        with open(log, "wb") as out:          # a file, not a pipe: Flower's helper process outlives the SuperNode
+            rogue_node = subprocess.Popen(
+                [str(Path(sys.executable).with_name("flower-supernode")), "--superlink", fleet.superlink,
+                 "--root-certificates", str(fleet.creds["ca"]), "--auth-supernode-private-key", str(rogue),
+                 "--max-retries", "1", "--port", str(free_port())],
+                env=fleet.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                code = rogue_node.wait(timeout=180)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(rogue_node.pid, signal.SIGKILL)
+        done = fleet.serve(opts, timeout=300)
+    assert code != 0 and "Failed to activate SuperNode" in log.read_text(), log.read_text()[-2000:]
+    rep = report.load(opts.state_dir)
+    assert done.returncode == 0 and rep["rounds_committed"] == 1 and rep["rounds"][1]["accepted"] == 2, done.stdout
+    record("fleet: a board whose key is not registered", "refused by the SuperLink", f"refused (exit {code})")
