@@ -186,3 +186,11 @@ def test_bad_records_are_one_line_errors(tiny, line, why):
     r = run_cli("adapt", tiny["bundle"], "--data", bad, "--steps", "1", "--lr", "0.01", "--run-dir",
                 tiny["root"] / "bad-run")
     assert r.returncode == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_gguf_errors_are_one_line(tiny, tmp_path):
+    r = run_cli("export", f"hf:{tiny['folder']}", "--gguf", "nope.gguf", "--out", tmp_path / "b")
+    assert r.returncode == 2 and "--gguf nope.gguf: no such file in" in r.stderr, r.stderr
+    r = run_cli("export", tiny["train"], "--gguf", "x.gguf", "--out", tmp_path / "b")
+    assert r.returncode == 2 and "give the folder holding it as hf:FOLDER" in r.stderr, r.stderr
+    assert not (tmp_path / "b").exists()
