@@ -20,6 +20,7 @@ import bz2
 import csv
 import importlib.util
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -162,6 +163,7 @@ def main(argv=None) -> int:
         cli("export", MODEL, "--calib", d / "train.npz", "--num-classes", classes, "--seed", seed, "--budget", budget,
             "--out", out / "bundles" / name, "--json")
         cli("task", "add", out / "bundles" / name, "--name", name, "--store", store.root, "--replace")
+        shutil.rmtree(out / "bundles" / name)          # the store keeps the base's bytes (hard links)
         rep = cli("adapt", "--task", name, "--store", store.root, "--data", d / "train.npz", "--eval-data",
                   d / "test.npz", "--steps", steps, "--batch-size", 16, "--lr", "0.003", "--profile", "host-cpu",
                   "--quiet", "--json")
