@@ -48,7 +48,7 @@ def prepare(model: str, cfg: dict, work: Path, seed: int, variants: list, log) -
             continue
         t = time.perf_counter()
         try:
-            entry = _build(name, work, base, m["classes"], seed)
+            entry = _build(name, work, base, m["classes"], seed, model)
         except _Skip as e:
             skipped[name] = str(e)
             log(f"skipping {name}: {e}")
@@ -68,12 +68,12 @@ class _Skip(Exception):
     """This variant cannot be built for this model (e.g. a budget below one weight per neuron)."""
 
 
-def _build(name: str, work: Path, base, classes: int, seed: int) -> dict:
+def _build(name: str, work: Path, base, classes: int, seed: int, model: str = "text") -> dict:
     """One variant's artifacts under work/<slug>; returns its spec entry."""
     from taskedge.export import baselines as BL
 
     engine, fam, opt = VARIANTS[name]
-    entry = {"engine": engine, "family": fam, "options": opt, "lr": base_lr(fam)}
+    entry = {"engine": engine, "family": fam, "options": opt, "lr": base_lr(fam, model, name)}
     folder = work / slug(name)
     if engine == "step":
         from taskedge.export.config import ExportConfig

@@ -79,7 +79,9 @@ def format_md(r: dict) -> str:
            f"other jobs ran concurrently, so absolute times are noisy).", "",
            f"Learning rates (constant after {r['warmup_lr_steps']} linear warm-up steps, AdamW eps 1e-6, no weight "
            f"decay): TaskEdge {r['lr']['taskedge']:g} (delta and head), LoRA {r['lr']['lora']:g}, full FT "
-           f"{r['lr']['full']:g}; new head {r['lr']['head']:g} in every variant.", "",
+           f"{r['lr']['full']:g}; new head {r['lr']['head']:g} in every variant"
+           + "".join(f"; {n} {v['lr']:g} (tuned)" for n, v in r["variants"].items()
+                     if v.get("lr") and v["lr"] != r["lr"].get(v["family"])) + ".", "",
            "Optimizer state = 2 x trainable x 4 B (AdamW). Update = the trained tensors as .npz (TaskEdge: + "
            "allocation.npz; full FT: every trainable weight; LoRA: A, B + head).", "",
            format_table(r), ""]
