@@ -149,7 +149,6 @@ def run_task(name: str, task: Task, seeds: List[int], selections, work: Path, ke
     same task settings is reused, so an interrupted ablation resumes and rules can run in parallel)."""
     from taskedge.runtime.fsutil import atomic_path, atomic_write_json
     sizes = prepare_task(task, work)
-    selections = [s for s in selections if s != PROBE or task.classes]      # no new head: nothing to probe
     done = work / "runs"
     done.mkdir(exist_ok=True)
     runs: Dict[str, List[dict]] = {}
@@ -218,7 +217,8 @@ def run_ablation(tasks: Optional[List[str]] = None, seeds: int = 3, quick: bool 
     from . import ablation_report as R
     table = {k: replace(t, steps=steps) if steps else t for k, t in task_table(quick).items()}
     names, sels = list(tasks or table), [s for s in RULES if s in (selections or RULES)]
-    total, count, t_start = len(names) * len(sels) * seeds, {"done": 0, "ran": 0}, time.perf_counter()
+    rules_of = {n: [s for s in sels if s != PROBE or table[n].classes] for n in names}    # no new head: no probe
+    total, count, t_start = sum(map(len, rules_of.values())) * seeds, {"done": 0, "ran": 0}, time.perf_counter()
     load0 = [round(x, 2) for x in os.getloadavg()]
 
     def progress(task, sel, seed, r, ran: bool):
@@ -234,8 +234,8 @@ def run_ablation(tasks: Optional[List[str]] = None, seeds: int = 3, quick: bool 
     try:
         results = {}
         for name in names:
-            log(f"{name}: {table[name].title}; {len(sels)} rules x {seeds} seeds")
-            results[name] = run_task(name, table[name], list(range(seeds)), sels, tmp / name, keep, progress)
+            log(f"{name}: {table[name].title}; {len(rules_of[name])} rules x {seeds} seeds")
+            results[name] = run_task(name, table[name], list(range(seeds)), rules_of[name], tmp / name, keep, progress)
         report = {"quick": quick, "seeds": seeds, "selections": sels, "threads": THREADS, "tasks": results,
                   "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "loadavg_start": load0,
                               "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
