@@ -59,7 +59,7 @@ TASKS = {
 }
 TASKS["digits-new"] = Task("one-block digits transformer pretrained on 0-4 -> digits 5-9 (new 5-class head)",
                           "taskedge.tools.demo_models:digits_transformer", ("digits", "new-classes"), 5, 0.1, 150, 32)
-# --quick: the small digits fixtures only (a minute on this host), for CI
+# --quick: the small digits fixtures only, 40 steps (a few minutes on this host; tests/test_ablation.py runs one)
 QUICK_TASKS = {name: replace(TASKS[name], steps=40) for name in ("digits-shift", "digits-new")}
 
 

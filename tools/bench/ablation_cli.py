@@ -16,7 +16,7 @@ def add_ablation_args(p) -> None:
                         f"(export + adapt, same budget, steps and lr trials), and {PROBE} (the new head alone) as "
                         "the reference, instead; writes ablation.md / .png / "
                         f".json in --out. Tasks: {', '.join(TASKS)}; --quick: {', '.join(QUICK_TASKS)} "
-                        "(small digits models, about a minute)")
+                        "(the small digits models at 40 steps: a few minutes)")
     g.add_argument("--tasks", type=_names(sorted(set(TASKS) | set(QUICK_TASKS)), "task"),
                    help="with --selection-ablation: a comma-separated subset of the tasks (default all)")
     g.add_argument("--seeds", type=arg_type(int, at_least(2)), default=3,
