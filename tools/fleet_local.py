@@ -14,6 +14,7 @@ session and stopped by its own process group id.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -129,15 +130,19 @@ class LocalFleet:
                           root_certificates=str(self.creds["ca"]) if self.creds else None)
 
     def stop(self, name: Optional[str] = None, sig=signal.SIGTERM) -> None:
-        for key in [name] if name else list(self.procs):
-            proc = self.procs.pop(key)
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, sig)
-                    proc.wait(timeout=10)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
+        """Signal the process groups (all, or `name`'s), then wait for them; SIGKILL after 10 s."""
+        procs = [self.procs.pop(k) for k in ([name] if name else list(self.procs))]
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+        deadline = time.time() + 10
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                proc.wait()
 
     def __enter__(self) -> "LocalFleet":
         return self

@@ -57,7 +57,7 @@ def test_fleet_faults_on_loopback(tmp_path, mlp_bundle, mlp_data, record):
     envs = [{faults.CLIENT: "hash", faults.ROUND: "2"}, {faults.CLIENT: "nan"}, {faults.CLIENT: "kill"},
             {faults.CLIENT: "shapes"}]
     opts = FleetOptions(bundle=str(mlp_bundle), state_dir=str(tmp_path / "server"), rounds=2, local_steps=3,
-                        lr=0.01, batch_size=16, min_clients=3, grace_seconds=5, round_timeout=120,
+                        lr=0.01, batch_size=16, min_clients=3, grace_seconds=1, round_timeout=120,
                         eval_data=str(mlp_data / "test.npz")).resolved()
     with LocalFleet(tmp_path / "fleet", env={faults.SERVER_EXIT_AFTER: "1"}) as fleet:
         for i, idx in enumerate(shards):
