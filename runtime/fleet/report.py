@@ -9,6 +9,7 @@ from typing import List, Optional
 
 from ..checkpoints import CheckpointStore
 from ..fsutil import UserError
+from .exchange import LORA_RANK
 
 
 def load(state_dir) -> dict:
@@ -54,7 +55,7 @@ def format_report(rep: dict) -> str:
         for c in r["clients"]:
             if c["status"] != "accepted":
                 lines.append(f"      board {c['node']}: {c['status']}: {c.get('reason')}")
-    lora = next(k for k in b if k.startswith("lora"))
-    lines.append(f"state per board per round (float32): TaskEdge {b['taskedge']:,} B; {lora.replace('_', ' ')} on the "
+    lora = f"lora_r{LORA_RANK}"
+    lines.append(f"state per board per round (float32): TaskEdge {b['taskedge']:,} B; LoRA r={LORA_RANK} on the "
                  f"same layers would send {b[lora]:,} B, full fine-tuning {b['full_ft']:,} B")
     return "\n".join(lines)
