@@ -194,3 +194,14 @@ def test_gguf_errors_are_one_line(tiny, tmp_path):
     r = run_cli("export", tiny["train"], "--gguf", "x.gguf", "--out", tmp_path / "b")
     assert r.returncode == 2 and "give the folder holding it as hf:FOLDER" in r.stderr, r.stderr
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_bench_llm_rows(tiny, capsys):
+    pytest.importorskip("peft")
+    from taskedge.tools import bench_llm
+    assert bench_llm.main([str(tiny["bundle"]), str(tiny["train"]), str(tiny["folder"]), "--steps", "1", "--json"]) == 0
+    rows = {r["engine"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert set(rows) == set(bench_llm.ENGINES) and all("error" not in r for r in rows.values()), rows
+    assert rows["taskedge"]["trainable"] < rows["torch-lora-r8"]["trainable"] < rows["torch-full"]["trainable"]
+    assert all(r["peak_rss_mb"] > 0 and r["step_ms"] > 0 for r in rows.values())

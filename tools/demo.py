@@ -135,6 +135,9 @@ def format_table(r: dict) -> str:
 
 
 def cmd_demo(a) -> int:
+    if a.task == "llm":                         # a causal LM has its own story (tools/demo_llm.py)
+        from .demo_llm import cmd_demo as llm_demo
+        return llm_demo(a)
     r = run_demo(a.task, a.seed, a.out, a.profile, a.quick, a.steps, quiet=a.json)
     print(json.dumps(r, indent=2) if a.json else format_table(r))
     return 0
@@ -156,7 +159,8 @@ def register(sub) -> None:
     from taskedge.runtime.flags import arg_type, at_least, out_path
     d = sub.add_parser("demo", help="host+board story: export, adapt under a Jetson profile, eval, merge",
                        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    d.add_argument("--task", choices=sorted(TASKS), default="text", help="text (default) or vision")
+    d.add_argument("--task", choices=sorted(TASKS) + ["llm"], default="text",
+                   help="text (default), vision, or llm (SmolLM2-135M answers review sentiment: tools/demo_llm.py)")
     d.add_argument("--seed", type=arg_type(int, at_least(0)), default=0, help="data split, head and order seed")
     d.add_argument("--steps", type=arg_type(int, at_least(1)), help="override the task's step count")
     d.add_argument("--profile", type=_profile_name, default="jetson-orin-nano-8gb",
