@@ -103,5 +103,7 @@ def test_serve_refuses_bad_flags_and_no_tls(tmp_path, mlp_bundle):
     assert r.returncode == 2 and "--rounds" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = run_cli("fleet", "serve", mlp_bundle, "--state-dir", tmp_path / "s", "--superlink", "127.0.0.1:1")
     assert r.returncode == 2 and "--root-certificates" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run_cli("fleet", "serve", tmp_path / "no-bundle", "--insecure")
+    assert r.returncode == 2 and "bundle folder not found" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = run_cli("fleet", "report", tmp_path / "nothing")
     assert r.returncode == 2 and "no committed fleet round" in r.stderr, r.stderr

@@ -21,11 +21,23 @@ restart: it resumes after the last committed round (raise --rounds to go on).
 
 
 def cmd_serve(a) -> int:
+    from pathlib import Path
+
+    from .. import bundle as B
+    from ..fsutil import UserError
     from . import launch, report
     from .options import FleetOptions
     opts = from_flags(FleetOptions, a).resolved()
+    B.load_bundle(opts.bundle)                 # a bad bundle or eval set: one line here, not in the ServerApp's log
+    if opts.eval_data and not Path(opts.eval_data).is_file():
+        raise UserError(f"--eval-data {opts.eval_data}: no such file (the held-out set the server scores on)")
     done = launch.run(opts, a.superlink, insecure=a.insecure, root_certificates=a.root_certificates, echo=not a.json)
-    rep = report.load(opts.state_dir)
+    try:
+        rep = report.load(opts.state_dir)
+    except UserError:
+        raise UserError(f"flwr run ended (exit {done.returncode}) with no round committed in {opts.state_dir}: is a "
+                        f"SuperLink running at {a.superlink}? ("
+                        + ("run without --json to see Flower's log)" if a.json else "Flower's log is above)")) from None
     print(json.dumps(rep, indent=2) if a.json else report.format_report(rep))
     return 0 if done.returncode == 0 and rep["rounds_committed"] >= opts.rounds else 1
 
