@@ -257,7 +257,8 @@ class Session:
 def accuracy(trainer: Trainer, ds: Dataset, batch: int) -> float:
     """Share of correct predictions; a causal LM's: share of exactly matched answers (runtime/lm.py)."""
     from ..lm import is_causal_lm, metrics
-    if is_causal_lm(trainer.manifest):
+    manifest = getattr(trainer, "manifest", None)          # the bench's peers are no Trainer and have none
+    if manifest is not None and is_causal_lm(manifest):
         parts = [ds.batch(idx) for idx in ds.batches(batch)]
         result = metrics((trainer.eval_step(b)[1], b[-1]) for b in parts)
         trainer.close_eval()
