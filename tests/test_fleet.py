@@ -42,7 +42,7 @@ def test_unknown_rule_and_empty_round():
 
 def test_exchange_refuses_what_does_not_fit(mlp_bundle):
     man = B.load_bundle(mlp_bundle)
-    ours = X.allocation_hash(man)
+    ours = X.allocation_hash(mlp_bundle, man)
     state = X.initial_state(mlp_bundle, man)
     spec = X.expected(state)
     assert set(state) == set(man.trainable_names) and X.check(state, spec, ours, ours) is None
@@ -54,9 +54,11 @@ def test_exchange_refuses_what_does_not_fit(mlp_bundle):
     assert "expected float32" in X.check({**state, name: state[name].astype(np.float64)}, spec, ours, ours)
     assert "missing" in X.check({k: v for k, v in state.items() if k != name}, spec, ours, ours)
     assert "allocation hash" in X.check(state, spec, "f" * 32, ours)
-    # another allocation of the same model names another fleet
-    other = dataclasses.replace(man, files={**man.files, B.ALLOCATION: {"sha256": "0" * 64, "bytes": 1}})
-    assert X.allocation_hash(other) != ours
+    # the same allocation over another base, or another allocation, names another fleet
+    other_base = dataclasses.replace(man, files={**man.files, B.WEIGHTS: {"sha256": "0" * 64, "bytes": 1}})
+    assert X.allocation_hash(mlp_bundle, other_base) != ours
+    other_head = dataclasses.replace(man, layers=man.layers[:-1])
+    assert X.allocation_hash(mlp_bundle, other_head) != ours
 
 
 def test_state_travels_as_a_flower_record(mlp_bundle):

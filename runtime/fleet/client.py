@@ -73,7 +73,7 @@ def reply_content(board: BoardConfig, instruction) -> dict:
     from flwr.app import ConfigRecord, MetricRecord
     settings = dict(instruction[X.CONFIG])
     manifest = B.load_bundle(board.bundle, verify=False)
-    ours = X.allocation_hash(manifest)
+    ours = X.allocation_hash(board.bundle, manifest)
     if settings.get("allocation-hash") != ours:
         raise UserError(f"this board's bundle {board.bundle} has allocation {ours}, the fleet's is "
                         f"{settings.get('allocation-hash')}: copy the fleet's bundle to the board")

@@ -6,9 +6,9 @@ deltas / LoRA factors and the head), never frozen weights, never the AdamW momen
 the board). A state travels with its bundle's allocation hash; the server refuses a state whose
 hash, names, shapes or dtype differ from its own, or that holds NaN/Inf.
 
-When task packs land (a base stored once + per-task trained state), `allocation_hash` and
-`expected` are the two functions to point at the pack; the rest of the fleet code only sees
-name -> array dicts.
+The names and layout are the task-pack state's (runtime/bundle.py: a base named by `base_id`, a
+task state keyed by trainable name and `allocation_digest`); the server also writes each committed
+global state as a task state file (`state.npz`), which `taskedge` reads like any other task's.
 
 Message layout (Flower Message API, runtime/fleet/server.py and client.py):
     train instruction  {STATE: ArrayRecord (global state), CONFIG: ConfigRecord (round settings)}
@@ -32,12 +32,11 @@ LORA_RANK = 8               # the LoRA a round is compared with (bytes a client 
 Spec = Dict[str, Tuple[Tuple[int, ...], str]]      # name -> (shape, dtype)
 
 
-def allocation_hash(manifest: B.Manifest) -> str:
-    """Names the state's layout: the frozen weights it applies to, the allocation (which entries
-    train) and the trainable tensors' names. Two boards whose states may be averaged have equal hashes."""
-    files = manifest.files or {}
-    parts = [FORMAT, str(files.get(B.WEIGHTS, {}).get("sha256")), str(files.get(B.ALLOCATION, {}).get("sha256")),
-             ",".join(manifest.trainable_names)]
+def allocation_hash(bundle_dir, manifest: B.Manifest) -> str:
+    """Names the state's layout: the base it applies to (`bundle.base_id`) and the allocation it
+    trains (`bundle.allocation_digest`, the digest a task state file carries). Two boards whose
+    states may be averaged have equal hashes."""
+    parts = [FORMAT, B.base_id(manifest), B.allocation_digest(bundle_dir, manifest)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 

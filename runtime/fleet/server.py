@@ -5,7 +5,8 @@
     -> collect replies until all are in or --round-timeout -> reject (and log) failed boards and
     states that do not fit (exchange.check: hash, names, shapes, dtype, NaN/Inf) -> aggregate the
     accepted ones (aggregate.py) -> score the global state on --eval-data -> commit it (runtime/
-    checkpoints.py: atomic, hashed; the round's report row rides in the commit record).
+    checkpoints.py: atomic, hashed; the round's report row rides in the commit record) and write it
+    as a task state file, STATE_DIR/state.npz (runtime/bundle.py's format).
 
 A server restarted between rounds resumes after its last committed round, with nothing lost.
 Started by Flower (`flwr-serverapp`, via `flwr run`) as `taskedge.runtime.fleet.server:app`.
@@ -22,7 +23,7 @@ import numpy as np
 
 from .. import bundle as B
 from ..checkpoints import CheckpointStore
-from ..fsutil import UserError
+from ..fsutil import UserError, atomic_write_bytes
 from ..trainer import TrainState
 from . import aggregate, exchange as X, faults
 from .options import FleetOptions
@@ -39,7 +40,7 @@ class Coordinator:
     def __init__(self, opts: FleetOptions, grid):
         self.opts, self.grid = opts, grid
         self.manifest = B.load_bundle(opts.bundle)
-        self.hash = X.allocation_hash(self.manifest)
+        self.hash = X.allocation_hash(opts.bundle, self.manifest)
         self.store = CheckpointStore(opts.state_dir, keep=2)
         self.spec = X.expected(X.initial_state(opts.bundle, self.manifest))
         self.sizes = X.comparison_bytes(self.manifest)
@@ -68,6 +69,8 @@ class Coordinator:
                 rows.append(row)
                 self.store.save(TrainState(state), {"round": r, "allocation_hash": self.hash, "rows": rows,
                                                     "bytes_per_client": self.sizes}, r)
+                atomic_write_bytes(Path(self.opts.state_dir) / B.TASK_STATE, B.task_state_bytes(
+                    state, self.manifest, B.allocation_digest(self.opts.bundle, self.manifest)))
                 self.log(f"round {r} committed: accuracy {row['accuracy']}, {row['accepted']} accepted, "
                          f"{row['rejected']} rejected, {row['failed']} failed, {row['wall_s']} s")
                 faults.server_exit_after(r, fresh)

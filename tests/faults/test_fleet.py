@@ -97,9 +97,13 @@ def test_fleet_faults_on_loopback(tmp_path, mlp_bundle, mlp_data, record):
     record("fleet: server restarted between rounds", "resumes from the last committed global state",
            "resumed after round 1; round 2 committed")
     store = CheckpointStore(opts.state_dir)
-    names = B.load_bundle(mlp_bundle).trainable_names
+    man = B.load_bundle(mlp_bundle)
     for step in store.steps():
-        assert TrainState.from_file(store.path(step), names).finite()
+        assert TrainState.from_file(store.path(step), man.trainable_names).finite()
+    # the committed global state is also a task state file of this bundle (runtime/bundle.py's format)
+    shared = B.read_task_state(Path(opts.state_dir) / B.TASK_STATE, man, B.allocation_digest(mlp_bundle, man))
+    last = TrainState.from_file(store.path(2), man.trainable_names).params
+    assert all(np.array_equal(shared[n], last[n]) for n in man.trainable_names)
     assert all(r["accuracy"] is not None for r in rep["rounds"])
 
 
