@@ -21,7 +21,7 @@ already lists). Everything else is the *task* (KB to MB); a task pack (tools/tas
 bundle without its base files, and a board stores each base once (runtime/store.py).
 
 Task state (TASK_STATE, `state.npz`): what a trained task is, reusable by any consumer that
-holds the same allocation (a fleet round, another board, a backup). One .npz, no pickle:
+holds the same allocation (a fleet round, another board, a backup). One .npz of plain arrays (no Python objects):
     <trainable name>      float32, one array per name of `Manifest.trainable_names`, the trained
                           values (deltas / LoRA factors / head) -- the same arrays as update.npz
     taskedge.allocation   0-d unicode string: `allocation_digest(manifest)` of the bundle it was
