@@ -47,6 +47,11 @@ def test_quick_ablation_runs_every_rule_at_the_same_budget(tmp_path, capsys):
     assert again["selections"] == ["taskedge", "random"]
     assert again["tasks"]["digits-new"]["runs"]["random"] == t["runs"]["random"]
     assert [p.stat().st_mtime_ns for p in records] == stamps
+    # --lr: every run at that rate, no trials, recorded apart from the trial-picked runs
+    assert main(argv + ["--selections", "random", "--lr", "0.02"]) == 0
+    fixed = json.loads(capsys.readouterr().out)["tasks"]["digits-new"]["runs"]["random"]
+    assert [(x["lr"], x["lr_trials"]) for x in fixed] == [(0.02, None)] * 2
+    assert len(list((work / "digits-new" / "runs-lr0.02").glob("*.json"))) == 2
 
 
 def test_jaccard_and_paired_summary():
@@ -67,6 +72,7 @@ def test_jaccard_and_paired_summary():
     (["--seeds", "1"], "--seeds: '1' must be >= 2"),
     (["--quick", "--tasks", "text"], "--tasks text: not a --quick task"),
     (["--tasks", "nope"], "task ['nope'] unknown"),
+    (["--lr", "0"], "--lr: '0' must be a finite number > 0"),
 ])
 def test_bad_flags_are_one_line_exit_2(argv, says, capsys):
     from taskedge.runtime.cli import main

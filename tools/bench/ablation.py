@@ -144,12 +144,14 @@ def run_one(task: Task, work: Path, sel: str, seed: int, lr: Optional[float], ke
     return rec, entries
 
 
-def run_task(name: str, task: Task, seeds: List[int], selections, work: Path, keep: bool, progress) -> dict:
+def run_task(name: str, task: Task, seeds: List[int], selections, work: Path, keep: bool, progress,
+             fixed_lr: Optional[float] = None) -> dict:
     """Every rule x seed on one task; each finished run is recorded in work/runs (a record made with the
-    same task settings is reused, so an interrupted ablation resumes and rules can run in parallel)."""
+    same task settings is reused, so an interrupted ablation resumes and rules can run in parallel).
+    fixed_lr: every run at this rate instead of adapt's trials (recorded in work/runs-lrRATE)."""
     from taskedge.runtime.fsutil import atomic_path, atomic_write_json
     sizes = prepare_task(task, work)
-    done = work / "runs"
+    done = work / ("runs" if fixed_lr is None else f"runs-lr{fixed_lr:g}")
     done.mkdir(exist_ok=True)
     runs: Dict[str, List[dict]] = {}
     picks: Dict[int, Dict[str, dict]] = {seed: {} for seed in seeds}
@@ -159,7 +161,7 @@ def run_task(name: str, task: Task, seeds: List[int], selections, work: Path, ke
             path = done / f"{sel}-s{seed}.json"
             rec = json.loads(path.read_text()) if path.is_file() else None
             if rec is None or rec["task"] != json.loads(json.dumps(asdict(task))):     # tuples come back as lists
-                lr = None if seed == 0 else runs[sel][0]["lr"]          # seed 0's trials pick the rule's lr
+                lr = fixed_lr or (None if seed == 0 else runs[sel][0]["lr"])    # seed 0's trials pick the rule's lr
                 rec, entries = run_one(task, work, sel, seed, lr, keep)
                 with atomic_path(done / f"{sel}-s{seed}.npz", suffix=".npz") as tmp:
                     with open(tmp, "wb") as f:
@@ -173,7 +175,7 @@ def run_task(name: str, task: Task, seeds: List[int], selections, work: Path, ke
             runs[sel].append(rec)
     rules = [s for s in selections if s != PROBE]
     first = runs[(rules or selections)[0]][0]
-    lr = {sel: {"lr": rs[0]["lr"], "trials": rs[0]["lr_trials"], "picked_at_seed": rs[0]["seed"]}
+    lr = {sel: {"lr": rs[0]["lr"], "trials": rs[0]["lr_trials"], "picked_at_seed": None if fixed_lr else rs[0]["seed"]}
           for sel, rs in runs.items()}
     return {"title": task.title, "task": asdict(task), "n_train": sizes["train"], "n_test": sizes["test"],
             **{k: first[k] for k in ("k", "update_params", "head_params", "num_weights", "share_of_weights")},
@@ -210,7 +212,8 @@ def overlaps(picks: Dict[int, Dict[str, dict]], selections=SELECTIONS) -> Dict[s
 # ----------------------------------------------------------------------------- the whole bench
 def run_ablation(tasks: Optional[List[str]] = None, seeds: int = 3, quick: bool = False, out: Optional[str] = None,
                  workdir: Optional[str] = None, keep: bool = False, plot: bool = True, steps: Optional[int] = None,
-                 selections: Optional[List[str]] = None, log: Callable[[str], None] = lambda m: None) -> dict:
+                 selections: Optional[List[str]] = None, lr: Optional[float] = None,
+                 log: Callable[[str], None] = lambda m: None) -> dict:
     """The ablation; with `workdir`, finished runs are recorded there and reused by the next call."""
     import os
     import sys
@@ -235,8 +238,9 @@ def run_ablation(tasks: Optional[List[str]] = None, seeds: int = 3, quick: bool 
         results = {}
         for name in names:
             log(f"{name}: {table[name].title}; {len(rules_of[name])} rules x {seeds} seeds")
-            results[name] = run_task(name, table[name], list(range(seeds)), rules_of[name], tmp / name, keep, progress)
-        report = {"quick": quick, "seeds": seeds, "selections": sels, "threads": THREADS, "tasks": results,
+            results[name] = run_task(name, table[name], list(range(seeds)), rules_of[name], tmp / name, keep, progress,
+                                     lr)
+        report = {"quick": quick, "seeds": seeds, "selections": sels, "threads": THREADS, "fixed_lr": lr, "tasks": results,
                   "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "loadavg_start": load0,
                               "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
                   "wall_seconds": round(time.perf_counter() - t_start, 1)}

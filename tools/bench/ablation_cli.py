@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from taskedge.runtime.flags import arg_type, at_least
+from taskedge.runtime.flags import POSITIVE, arg_type, at_least
 
 from .ablation import PROBE, QUICK_TASKS, RULES, SELECTIONS, TASKS, task_table
 from .scenario_cli import _names
@@ -25,6 +25,9 @@ def add_ablation_args(p) -> None:
                    help="with --selection-ablation: a comma-separated subset of the rules (default all). With "
                         "--workdir each finished run is recorded there and reused: an interrupted ablation "
                         "resumes, and several processes can share one work folder, each running some rules")
+    g.add_argument("--lr", type=arg_type(float, POSITIVE),
+                   help="with --selection-ablation: every run at this learning rate instead of adapt's trials "
+                        "(to check whether a rule lost to its trial's rate)")
 
 
 def cmd_ablation(a) -> int:
@@ -37,7 +40,7 @@ def cmd_ablation(a) -> int:
     if bad:
         raise UserError(f"--tasks {','.join(bad)}: not a {'--quick ' if a.quick else ''}task; choose from "
                         f"{', '.join(table)}" + ("" if a.quick else " (or add --quick for the small ones)"))
-    r = run_ablation(a.tasks, a.seeds, a.quick, a.out, a.workdir, a.keep, steps=a.steps, selections=a.selections,
+    r = run_ablation(a.tasks, a.seeds, a.quick, a.out, a.workdir, a.keep, steps=a.steps, selections=a.selections, lr=a.lr,
                      log=(lambda m: None) if a.quiet else stderr_log)
     print(json.dumps(r, indent=2) if a.json else format_md(r))
     return 0

@@ -32,7 +32,8 @@ def accuracy_table(t: dict) -> str:
              "|---|---|---|---|---|"]
     for sel in t["summary"]:
         s = t["summary"][sel]
-        vs = "—" if sel == "taskedge" else f"{_pts(s['vs_taskedge_mean'])} ± {100 * s['vs_taskedge_std']:.1f}"
+        vs = "—" if sel == "taskedge" or s["vs_taskedge_mean"] is None else \
+            f"{_pts(s['vs_taskedge_mean'])} ± {100 * s['vs_taskedge_std']:.1f}"
         lines.append(f"| {sel} | {s['mean']:.4f} ± {s['std']:.4f} | {s['min']:.4f} – {s['max']:.4f} | {vs} | "
                      f"{t['lr'][sel]['lr']:g} |")
     return "\n".join(lines)
@@ -69,8 +70,10 @@ def format_md(r: dict) -> str:
            f"the new head's init, the data order and the random rule's picks; the data split is fixed per task. "
            f"`head-only` is the reference: the new head alone trains (the linear probe; none on a task that keeps "
            f"its own head). "
-           f"Learning rate: adapt's own trials (12 steps each of 1e-3, 3e-3, 1e-2, 3e-2 on held-out training data) "
-           f"at seed 0, per task and rule, kept for the other seeds. Machine: {m['cpus']} cores, load average "
+           + (f"Learning rate: {r['fixed_lr']:g} for every run (--lr). " if r.get("fixed_lr") else
+              "Learning rate: adapt's own trials (12 steps each of 1e-3, 3e-3, 1e-2, 3e-2 on held-out training data) "
+              "at seed 0, per task and rule, kept for the other seeds. ")
+           + f"Machine: {m['cpus']} cores, load average "
            f"{m['loadavg_start'][0]} at start / {m['loadavg_end'][0]} at end of this call; the runs took "
            f"{sum(t['compute_seconds'] for t in r['tasks'].values()) / 60:.0f} min of export + adapt (this call: "
            f"{r['wall_seconds'] / 60:.1f} min; runs recorded in --workdir are reused).",
