@@ -78,7 +78,9 @@ def format_md(rep: dict) -> str:
         out += [f"## {run['title']}: {run['scenario']}", "",
                 f"{run['classes']} classes, {run['head']}; train {run['n_train']} / val {run['n_val']} / "
                 f"test {run['n_test']}. TaskEdge (default budget): {taskedge_gap(run['variants'])}.", "",
-                table(run), "", "Sweeps (lr: val / test accuracy):", "", sweeps(run), ""]
+                table(run), ""]
+        out += [f"Failed: `{n}` ({why})" for n, why in run.get("failed", {}).items()]
+        out += ["", "Sweeps (lr: val / test accuracy):", "", sweeps(run), ""]
     return "\n".join(out)
 
 

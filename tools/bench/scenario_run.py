@@ -86,7 +86,7 @@ def _count(step: Path, evl: Path, state: Path, batch: dict) -> dict:
 def _worker(job_path: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
     r = subprocess.run([sys.executable, "-m", __package__, "--cnn-worker", str(job_path)], stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True, timeout=1800, env=env)
+                       stderr=subprocess.PIPE, text=True, timeout=3600, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"cnn worker {job_path.stem} failed ({r.returncode}):\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -119,7 +119,7 @@ def run_scenario(model: str, scenario: str, cfg: dict, variants: list, work: Pat
         new = head_arrays(base, classes, seed)
         np.savez(w / "head_init.npz", weight=new["taskedge_head.weight"], bias=new["taskedge_head.bias"])
     batch = {"pixels": data["train"]["pixels"][:cfg["batch"]], "labels": data["train"]["labels"][:cfg["batch"]]}
-    rows = {}
+    rows, failed = {}, {}
     for name in variants:
         engine, family, param, lrs = CNN_VARIANTS[name]
         t = time.perf_counter()
@@ -142,24 +142,29 @@ def run_scenario(model: str, scenario: str, cfg: dict, variants: list, work: Pat
                "seed": seed, "workdir": str(w), "factory": net["factory"], "head_npz": str(w / "head_init.npz"),
                "bundle": str(w / "taskedge")}
         (w / f"{name}.job.json").write_text(json.dumps(job))
-        r = _worker(w / f"{name}.job.json")
+        try:
+            r = _worker(w / f"{name}.job.json")
+        except (RuntimeError, subprocess.TimeoutExpired) as e:     # one variant's failure ends only that row
+            failed[name] = str(e).strip().splitlines()[-1][:300]
+            log(f"{model}/{scenario}/{name}: FAILED ({failed[name]})")
+            continue
         if engine == "torch":
             flops = r.pop("flops")
             if family == "galore" and "optimizer" in rows.get(twin, {}).get("flops", {}):
                 flops["optimizer"] = rows[twin]["flops"]["optimizer"]      # the same matrices, the same code
                 flops["step"] += flops["optimizer"]
         rows[name] = {**r, "engine": engine, "family": family, "param": param, "flops": flops}
-        on_row(_run_record(model, scenario, classes, head_note, data, rows))
+        on_row(_run_record(model, scenario, classes, head_note, data, rows, failed))
         log(f"{model}/{scenario}/{name}: acc {r['accuracy']:.3f} (lr {r['lr']:g}), {r['step_ms']:.0f} ms/step, "
             f"peak {r['peak_rss_mb']:.0f} MB, {flops['step'] / 1e9:.2f} GFLOP/step ({time.perf_counter() - t:.0f}s)")
-    return _run_record(model, scenario, classes, head_note, data, rows)
+    return _run_record(model, scenario, classes, head_note, data, rows, failed)
 
 
-def _run_record(model, scenario, classes, head_note, data, rows) -> dict:
+def _run_record(model, scenario, classes, head_note, data, rows, failed) -> dict:
     from .scenarios import CNNS
     return {"model": model, "title": CNNS[model]["title"], "scenario": scenario, "classes": classes,
             "head": head_note, "n_train": len(data["train"]["labels"]), "n_val": len(data["val"]["labels"]),
-            "n_test": len(data["test"]["labels"]), "variants": dict(rows)}
+            "n_test": len(data["test"]["labels"]), "variants": dict(rows), "failed": dict(failed)}
 
 
 def _galore_flops(state: Path, rank: int, head: list) -> int:
