@@ -172,8 +172,8 @@ def test_report_renders_profiles_and_skipped(tmp_path):
 
 def test_bench_refuses_bad_flags_before_building_anything(tmp_path):
     from conftest import run_cli
-    for args, msg in ((["--variants", "infer,nope"], "unknown variant(s) ['nope']"),
-                      (["--rounds", "0"], "--rounds 0"), (["--quick", "--steps", "3"], "--steps 3")):
+    for args, msg in ((["--variants", "infer,nope"], "'infer,nope' names an unknown variant"),
+                      (["--rounds", "0"], "--rounds: '0' must be >= 1"), (["--quick", "--steps", "3"], "--steps 3")):
         r = run_cli("bench", *args, "--out", tmp_path / "o", "--workdir", tmp_path / "w")
         assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
     assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()

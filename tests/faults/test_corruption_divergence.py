@@ -2,6 +2,7 @@
 learning rate, goes on, and stops with a clear report after 3 tries."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -59,7 +60,8 @@ def test_corrupted_bundle_file_is_named(mlp_bundle, mlp_data, tmp_path, record, 
     shutil.copytree(mlp_bundle, b)
     if name == B.MANIFEST and damage == "bit-flipped":
         # a flip that keeps valid JSON: only the manifest's self-checksum can see it
-        text = (b / name).read_text().replace('"num_classes": 3', '"num_classes": 7')
+        text, n = re.subn(r'"num_classes":\s*3\b', '"num_classes": 7', (b / name).read_text())
+        assert n == 1, "the fixture's manifest no longer names num_classes 3"
         (b / name).write_text(text)
     else:
         (truncate if damage == "truncated" else flip_byte)(b / name)
