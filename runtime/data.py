@@ -106,6 +106,15 @@ def load_npz(path: Path, manifest: Manifest, skip_bad: bool = False) -> Dataset:
     return _screen(cast_to_specs(manifest.inputs, arrays), labels, manifest.num_classes, str(path), skip_bad)
 
 
+def numbered_lines(path: Path) -> List[tuple]:
+    """[(1-based line number, raw bytes)] of a text file; UserError if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return list(enumerate(f, 1))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 def load_jsonl(path: Path, manifest: Manifest, bundle_dir: Path, skip_bad: bool = False) -> Dataset:
     tok_path = bundle_dir / TOKENIZER
     if not tok_path.is_file():
@@ -121,12 +130,7 @@ def load_jsonl(path: Path, manifest: Manifest, bundle_dir: Path, skip_bad: bool 
     tok.no_truncation()
     tok.no_padding()
     texts, labels, line_nos, skipped = [], [], [], 0
-    try:
-        with open(path, "rb") as f:
-            raw_lines = list(enumerate(f, 1))
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
-    for line_no, raw in raw_lines:
+    for line_no, raw in numbered_lines(path):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -22,7 +22,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from .bundle import LABELS_INPUT, TOKENIZER, Manifest
-from .data import Dataset
+from .data import Dataset, numbered_lines
 from .fsutil import UserError
 
 IGNORE = -100
@@ -85,12 +85,7 @@ class LMDataset(Dataset):
 
 def load_jsonl(path: Path, enc: Encoder, skip_bad: bool = False) -> LMDataset:
     pairs, lines, skipped = [], [], 0
-    try:
-        with open(path, "rb") as f:
-            raw_lines = list(enumerate(f, 1))
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
-    for line_no, raw in raw_lines:
+    for line_no, raw in numbered_lines(path):
         try:
             line = raw.decode("utf-8")
             if not line.strip():
