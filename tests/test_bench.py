@@ -189,9 +189,12 @@ def test_bench_trains_on_the_runtimes_schedule_data_order_and_eval():
     import taskedge.tools.bench as pkg
 
     src = {p.name: p.read_text() for p in Path(pkg.__file__).parent.glob("*.py")}
+    # the CNN study (cnn_*.py, scenario*.py) draws its own shifted data and adapter inits and scores
+    # its PyTorch and step-graph twins with one loop of its own; the runtime-row workers may not
     for name, text in src.items():
-        for pattern in (r"def \w*lr_at\b", r"def \w*batch_(idx|indices)\b", r"def \w*accuracy\b",
-                        r"def \w*unscale\w*", r"default_rng", r"argmax", r"^\s*import onnxruntime",
+        own = (r"def \w*accuracy\b", r"argmax") if not name.startswith("cnn_") else ()
+        for pattern in (r"def \w*lr_at\b", r"def \w*batch_(idx|indices)\b", *own,
+                        r"def \w*unscale\w*", r"\.permutation\(|\.shuffle\(", r"^\s*import onnxruntime",
                         r"^\s*from onnxruntime"):
             assert not re.search(pattern, text, re.M), (name, pattern)
     assert "from taskedge.runtime.adapt import accuracy, batch_indices, lr_at" in src["worker.py"]
