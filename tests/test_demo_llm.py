@@ -56,4 +56,4 @@ def test_demo_llm_quick(tmp_path):
     assert all(0 <= v <= 1 for v in r["exact_match"].values())
     assert r["perplexity"]["base"] > 1 and r["perplexity"]["adapted"] > 1
     assert len(r["answers"]) == 2 and all(isinstance(a["adapted"], str) for a in r["answers"])
-    assert 0.0009 < r["trainable"] / r["num_weights"] <= 0.001
+    assert 0.0009 < r["trainable"] / r["num_weights"] < 0.00101          # 0.1 %, rounded up to whole entries
