@@ -216,8 +216,8 @@ def run_ablation(tasks: Optional[List[str]] = None, seeds: int = 3, quick: bool 
                  log: Callable[[str], None] = lambda m: None) -> dict:
     """The ablation; with `workdir`, finished runs are recorded there and reused by the next call."""
     import os
-    import sys
     from . import ablation_report as R
+    from .report import machine
     table = {k: replace(t, steps=steps) if steps else t for k, t in task_table(quick).items()}
     names, sels = list(tasks or table), [s for s in RULES if s in (selections or RULES)]
     rules_of = {n: [s for s in sels if s != PROBE or table[n].classes] for n in names}    # no new head: no probe
@@ -241,8 +241,7 @@ def run_ablation(tasks: Optional[List[str]] = None, seeds: int = 3, quick: bool 
             results[name] = run_task(name, table[name], list(range(seeds)), rules_of[name], tmp / name, keep, progress,
                                      lr)
         report = {"quick": quick, "seeds": seeds, "selections": sels, "threads": THREADS, "fixed_lr": lr, "tasks": results,
-                  "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "loadavg_start": load0,
-                              "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
+                  "machine": machine(load0),
                   "wall_seconds": round(time.perf_counter() - t_start, 1)}
         if out:
             R.write(report, out, plot, log)

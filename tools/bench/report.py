@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -127,3 +128,9 @@ def write_png(r: dict, path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
     plt.close(fig)
+
+
+def machine(load_start: list) -> dict:
+    """The host a bench ran on: CPUs, Python, load average at start and end (these hosts are noisy)."""
+    return {"cpus": os.cpu_count(), "python": sys.version.split()[0], "loadavg_start": load_start,
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()]}

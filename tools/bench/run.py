@@ -109,8 +109,7 @@ def run_bench(model: str = "text", quick: bool = False, steps: int = None, seed:
                   "num_weights": spec["num_weights"], "model_bytes": model_bytes, "lr": dict(LR),
                   "primary": primary, "variants": res, "skipped": spec["skipped"], "targets": targets,
                   "profiles": profiles,
-                  "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-                              "loadavg_start": load0, "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
+                  "machine": R.machine(load0),
                   "wall_seconds": round(time.perf_counter() - t0, 1)}
         if out:
             R.write(report, out, plot, log)
