@@ -49,8 +49,10 @@ def cmd_inspect(a) -> int:
 def cmd_adapt(a) -> int:
     from .adapt import adapt, options
     bundle, _ = taskflags.resolve(a)
-    report = adapt(bundle, options(bundle, given(AdaptOptions, a)))      # a flag not given is absent from `a`
-    taskflags.after_adapt(a, report)
+    opts = options(bundle, given(AdaptOptions, a))                       # a flag not given is absent from `a`
+    init = taskflags.start_state(a, opts)                                # --init: a start from stored tasks
+    report = adapt(bundle, opts)
+    taskflags.after_adapt(a, report, init)
     if getattr(a, "json", False):
         _print_json(report)
     else:

@@ -44,7 +44,14 @@ class AdaptOptions:
     device: str = flag("cpu", "cpu, or cuda[:N] with NVIDIA's onnxruntime-gpu (JetPack) installed")
     threads: int = flag(0, "ORT intra-op threads (0: ORT's choice)", check=at_least(0))
     quiet: bool = flag(False, "no progress output")
+    init: Optional[str] = flag(None, "with --task, a new run starts from: zero (the bundle's initial state), a stored "
+                                     "task's NAME, nearest, or nearest:A,B (its delta carried over where the "
+                                     "allocations share entries; the head starts fresh; runtime/compose.py)")
+    keep_run: bool = flag(False, "with --task: keep the run's checkpoints and update.npz once the task state is "
+                                 "written (default: removed then, state.npz is the result; keep them for an "
+                                 "exact --resume later)")
     from_run: Optional[dict] = None     # settings --resume took from the interrupted run (see `options`)
+    initial: Optional[dict] = None      # trainable tensors a new run starts from (--init; None: the bundle's)
 
 
 # The settings a run records in its checkpoints (train/resume.py: run_flags); `--resume` takes these for every

@@ -174,8 +174,10 @@ def test_adapt_task_records_state_and_accuracy(tmp_path, mlp_bundle, mlp_data):
     folder = TaskStore(store).task_dir("t")
     state = B.read_task_state(folder / B.TASK_STATE, B.read_manifest(folder),
                               B.allocation_digest(folder, B.read_manifest(folder)))
-    update = np.load(folder / "run" / "update.npz")
-    assert all(np.array_equal(state[k], update[k]) for k in update.files)
+    report = json.loads(r.stdout)
+    assert report["update"] == str(folder / B.TASK_STATE) and not (folder / "run" / "update.npz").exists()
+    assert not [p for p in (folder / "run").iterdir() if p.name.startswith("ckpt-")]   # the finished run pruned
+    assert rec["trained"]["checkpoints"] == "removed" and all(np.isfinite(v).all() for v in state.values())
     pack = tmp_path / "t.tar"
     assert run_cli("task", "export", "t", "--store", store, "-o", pack).returncode == 0
     other = tmp_path / "board2"                           # another board with the base: the trained task moves

@@ -191,10 +191,14 @@ class Session:
         return lr
 
     def _open(self, ckpt_path: Optional[Path]) -> None:
-        """Load the trainable state of a checkpoint (None: the bundle's initial state); the
+        """Load the trainable state of a checkpoint (None: --init's start, else the bundle's initial state); the
         onnxruntime session is created once and kept."""
-        state = TrainState.initial(self.dir, self.manifest) if ckpt_path is None else \
-            TrainState.from_file(ckpt_path, self.manifest.trainable_names)
+        if ckpt_path is not None:
+            state = TrainState.from_file(ckpt_path, self.manifest.trainable_names)
+        elif self.opts.initial is not None:                  # --init: a start carried over from a stored task
+            state = TrainState({k: np.array(v, dtype=np.float32) for k, v in self.opts.initial.items()})
+        else:
+            state = TrainState.initial(self.dir, self.manifest)
         if self.trainer is None:
             self.trainer = Trainer(self.dir, self.manifest, state, device=self.opts.device, threads=self.opts.threads,
                                    providers=self.profile.execution_providers)
