@@ -73,7 +73,7 @@ def _rewrite_layer(G: GraphEdit, layer: LayerAllocation, idx_rows: np.ndarray) -
             helper.make_node("Gather", [x, G.const(p + "_cols", cols_used)], [xu], name=xu, axis=-1)])
         # W' waits for x[..., U] (not just x): ORT then gathers before the forward op, and x is
         # freed after it instead of living until backward (MiniLM: 27 MB of GELU outputs)
-        tie = G.producer.get(f"{w}.taskedge_{FORWARD_TIE}_after_dims")
+        tie = G.producer.get(f"{w}.taskedge_{FORWARD_TIE}_after_flat")
         if tie is not None and tie.input[0] == x:
             tie.input[0] = xu
     # backward: the gradient at the used columns only, then the selected entries

@@ -156,12 +156,15 @@ class Emitter:
         return self.node("Unsqueeze", [x], suffix, axes=[axis])
 
     def tie_after(self, tensor: str, after: str, label: str) -> str:
-        """A no-op Reshape of `tensor` that reads `after`'s shape, so ORT cannot run what consumes
-        it before `after` exists (e.g. each W' built just before its layer runs, not all at the
-        start of the step). Returns the tied tensor's name."""
-        dims_after = self.node("Shape", [after], f"{label}_after_dims")
-        no_dims = self.node("Slice", [dims_after, self.c([0]), self.c([0])], f"{label}_no_dims")
-        same = self.node("Concat", [self.node("Shape", [tensor], f"{label}_dims"), no_dims], f"{label}_same_dims", axis=0)
+        """A no-op Reshape of `tensor` whose shape input also reads `after`'s data (an empty slice of
+        it), so onnxruntime cannot run what consumes it before `after` exists (e.g. each W' built
+        just before its layer runs, not all at the start of the step). A shape-only dependency
+        (`Shape(after)`) is not enough: ORT folds Shape of a static shape to a constant, in the
+        gradient builder and again when a session loads the graph. Returns the tied tensor's name."""
+        flat = self.node("Reshape", [after, self.c([-1])], f"{label}_after_flat")
+        empty = self.node("Cast", [self.node("Slice", [flat, self.c([0]), self.c([0])], f"{label}_after_none")],
+                          f"{label}_after_none_i64", to=onnx.TensorProto.INT64)
+        same = self.node("Concat", [self.node("Shape", [tensor], f"{label}_dims"), empty], f"{label}_same_dims", axis=0)
         return self.node("Reshape", [tensor, same], f"{label}_tied")
 
 
