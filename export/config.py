@@ -40,6 +40,9 @@ class ExportConfig:
     pool: Optional[str] = flag(None, "pool a [batch, seq, F] or [batch, C, H, W] output to [batch, F] "
                                      "(mean and max honour an attention_mask input)", choices=["mean", "cls", "max"])
     head_only: bool = flag(False, "train only the new head (linear-probe baseline)")
+    union_of: List[str] = flag(help="a stored task's bundle/task folder or pack (repeatable): the allocation holds "
+                                    "every entry of theirs, topped up with this task's best, so `adapt --task NEW "
+                                    "--init gates` can mix their deltas (export/compose.py)", default_factory=list)
     formulation: Dict[str, str] = flag(help="update formulation per op type, e.g. MatMul=gather, Conv=scatter",
                                        metavar="OP=FORM", default_factory=dict, parse=_op_forms)
     dense_backward: bool = flag(False, "keep ORT's dense weight gradient for scatter layers (slower; for comparison)")

@@ -25,6 +25,7 @@ from taskedge.runtime.specs import check_arrays, graph_input_specs
 from . import importance as imp
 from .artifacts import build, generate_ort_artifacts, prepare_for_training  # noqa: F401 (baselines import these)
 from .calibrate import activation_norms, output_shapes
+from .compose import check_base as check_union_base, read_allocations, union_indices
 from .gradients import gradient_magnitudes
 from .config import ExportConfig
 from .ingest import ingest
@@ -98,6 +99,8 @@ def validate(cfg: ExportConfig) -> Optional[tuple]:
         raise UserError(f"bad --num-classes {cfg.num_classes}: need at least 2")
     if cfg.pool is not None and cfg.pool not in POOLS:
         raise UserError(f"bad --pool {cfg.pool!r}: use one of {', '.join(POOLS)}")
+    if cfg.union_of and (cfg.lora_rank or nm or cfg.head_only):
+        raise UserError("--union-of mixes plain per-entry deltas: drop --lora-rank, --nm and --head-only")
     for op, form in cfg.formulation.items():
         if op not in ("MatMul", "Gemm", "Conv") or form not in FORMULATIONS:
             raise UserError(f"bad --formulation {op}={form}: use MatMul|Gemm|Conv = {'|'.join(FORMULATIONS)}")
@@ -155,6 +158,11 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
                             f"{candidates[0].name!r} / {candidates[0].weight!r} (see `taskedge inspect`)"
                             if candidates else f"{flag} {pattern!r}: the model has no weight op")
     ops = filter_ops(candidates, cfg.include, cfg.exclude)
+    union, union_info = read_allocations(cfg.union_of) if cfg.union_of else (None, [])
+    if union is not None:                   # only the layers the given tasks adapt: those their deltas mix in
+        ops = [op for op in ops if op.weight in union]
+        if not ops:
+            raise UserError("--union-of: none of the given tasks' layers is left after --include/--exclude")
     if cfg.head_only:
         ops = []
     elif not ops:
@@ -164,7 +172,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
     k = imp.per_row_k(budget, [op.rows for op in ops])
     rows_total = sum(op.rows for op in ops)
     # below one entry per neuron: the same share of neurons in every layer trains its best input
-    share = budget / rows_total if ops and not cfg.lora_rank and rows_total > budget else None
+    share = budget / rows_total if ops and not cfg.lora_rank and rows_total > budget and union is None else None
     if share is not None and budget < len(ops):
         log(f"warning: budget {cfg.budget} of {num_weights} weights = {budget} entries, fewer than the {len(ops)} "
             f"layers: each layer still trains its best input of one neuron ({len(ops)} entries, "
@@ -192,10 +200,14 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
             scores = imp.selection_scores(cfg.selection, op.rows_view(weights[op.weight]),
                                           op.row_norms(norms[op.activation]), rng,
                                           op.rows_view(grads[op.weight]) if grads else None)
-            indices[op.weight] = imp.select_topk(scores, k, nm)
+            indices[op.weight] = union_indices(scores, union[op.weight]) if union is not None else \
+                imp.select_topk(scores, k, nm)
             if share is not None:
                 trained_rows[op.weight] = imp.top_rows(scores, round(share * op.rows))
-        if share is None:
+        if union is not None:
+            log(f"allocated the union of {len(cfg.union_of)} tasks' entries over {len(ops)} layers, topped up to "
+                f"k={min(v.shape[1] for v in indices.values())}..{max(v.shape[1] for v in indices.values())}")
+        elif share is None:
             log(f"allocated k={k} inputs per output neuron over {len(ops)} layers ({rows_total} neurons)")
         else:
             log(f"budget below one input per neuron: {100 * share:.1f} % of the neurons in each of {len(ops)} layers "
@@ -221,6 +233,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
                 "nm": list(nm) if nm else None, "selection": cfg.selection, "lora_rank": cfg.lora_rank, "head_only": cfg.head_only,
                 "neuron_share": share,
                 "include": cfg.include, "exclude": cfg.exclude, "lr": cfg.lr, "seed": cfg.seed,
+                **({"union_of": union_info} if union_info else {}),
                 "calibration": {"source": str(cfg.calib) if cfg.calib else "example",
                                 "batches": cfg.calib_batches, "batch_size": cfg.batch_size}},
         layers=table, update_params=update_params, head=head,
@@ -247,14 +260,16 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
             f"in {time.perf_counter() - t:.1f}s")
         manifest.step = B.StepSpec(loss=loss, logits=manifest.logits, grads=grad_names(training),
                                    lowered_ops=counts, optimizer=AdamW().to_dict())
-        manifest.weights = store_weights([base, training, evaluation], tmp, everything_of=base,
+        decode = src.meta.get("decode_model")       # a causal LM's KV-cache graph (export/lm_decode.py)
+        extra = ((B.DECODE_MODEL, decode),) if decode is not None else ()
+        manifest.weights = store_weights([base, training, evaluation] + [g for _, g in extra], tmp, everything_of=base,
                                          task_own=head_params)
-        for name, graph in ((B.STEP_MODEL, training), (B.EVAL_MODEL, evaluation), (B.BASE_MODEL, base)):
+        for name, graph in ((B.STEP_MODEL, training), (B.EVAL_MODEL, evaluation), (B.BASE_MODEL, base)) + extra:
             onnx.save(graph, str(tmp / name))
         np.savez_compressed(tmp / B.INITIAL_STATE, **{n: numpy_helper.to_array(values[n]) for n in trainable})
         np.savez_compressed(tmp / B.ALLOCATION, **{k: v.astype(np.uint16 if v.max(initial=0) < 65536 else np.int32)
                                         for k, v in indices.items()})   # smallest index type on disk
-        files = list(B.REQUIRED_FILES)
+        files = list(B.REQUIRED_FILES) + [name for name, _ in extra]
         tok = src.meta.get("tokenizer")
         if tok:
             shutil.copyfile(tok, tmp / B.TOKENIZER)
@@ -263,6 +278,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         if (tmp / B.TOKENIZER).is_file():
             files.append(B.TOKENIZER)
         manifest.files = B.hash_files(tmp, files)
+        check_union_base(union_info, B.base_id(manifest))
         manifest.save(tmp)
     log(f"wrote {cfg.out}: {update_params} update + {manifest.head_params} head parameters "
         f"({100 * manifest.update_share:.4f} % of {num_weights} weights) in {time.perf_counter() - t0:.1f}s")

@@ -5,6 +5,7 @@
                            select the same weight entry (0 elsewhere); the head starts fresh
     --init nearest         the same from the stored task (same base, trained) that is nearest
     --init nearest:A,B     ... nearest among A and B only
+    --init gates[:A,B]     train only a gate per stored task and layer mixing their deltas (runtime/gates.py)
 
 Two tasks exported from one base have different allocations (calibration depends on each task's
 data), so a stored delta can only be carried over at the entries the new allocation shares with it.
@@ -28,7 +29,7 @@ from .fsutil import UserError
 from .merge import dense_delta
 from .trainer import TrainState
 
-ZERO, NEAREST = "zero", "nearest"
+ZERO, NEAREST, GATES, NAME = "zero", "nearest", "gates", "name"
 
 
 def load_allocation(folder: Path) -> Dict[str, np.ndarray]:
@@ -92,28 +93,43 @@ def donors(store, task: str, manifest: B.Manifest, among: Optional[List[str]]) -
     return out
 
 
-def initial(store, task: str, spec: str) -> Tuple[Optional[Dict[str, np.ndarray]], dict]:
-    """(initial trainable tensors or None for the bundle's own, the report's "init" entry) for --init SPEC."""
+def initial(store, task: str, spec: str) -> Tuple[Optional[Dict[str, np.ndarray]], dict, Optional[object]]:
+    """(initial trainable tensors or None for the bundle's own, the report's "init" entry, the gates Mix
+    or None) for --init SPEC."""
     if spec == ZERO:
-        return None, {"from": ZERO}
+        return None, {"from": ZERO}, None
     folder = store.task_dir(task)
     manifest = B.read_manifest(folder)
-    if spec == NEAREST or spec.startswith(NEAREST + ":"):
-        among = [n for n in spec.partition(":")[2].split(",") if n] if ":" in spec else None
+    kind, colon, listed = spec.partition(":")
+    if kind in (NEAREST, GATES):
+        among = [n for n in listed.split(",") if n] if colon else None
         if among == []:
-            raise UserError("--init nearest: give the candidates after the colon, e.g. --init nearest:sentiment,tweets")
+            raise UserError(f"--init {kind}: give the tasks after the colon, e.g. --init {kind}:sentiment,tweets")
         names = donors(store, task, manifest, among)
         if not names:
-            raise UserError(f"--init nearest: no other trained task on {task!r}'s base in {store.root}; "
+            raise UserError(f"--init {kind}: no other trained task on {task!r}'s base in {store.root}; "
                             "train one first, or use --init zero")
     else:
-        names = donors(store, task, manifest, [spec])
-    scores, states = {}, {}
-    for n in names:
-        d = store.task_dir(n)
-        m = B.read_manifest(d)
-        donor_params = B.read_task_state(d / B.TASK_STATE, m, B.allocation_digest(d, m))
-        states[n], scores[n] = carried_state(folder, manifest, d, m, donor_params, head=n == task)
+        kind, among, names = NAME, [spec], donors(store, task, manifest, [spec])
+    cache: Dict[str, tuple] = {}
+
+    def carried(n: str) -> tuple:
+        if n not in cache:
+            d = store.task_dir(n)
+            m = B.read_manifest(d)
+            params = B.read_task_state(d / B.TASK_STATE, m, B.allocation_digest(d, m))
+            cache[n] = carried_state(folder, manifest, d, m, params, head=n == task)
+        return cache[n]
+    if kind == GATES:
+        from . import gates
+        if among is None:                           # every stored task this allocation holds whole
+            names = [n for n in names if carried(n)[1] >= gates.CONTAINED]
+            if not names:
+                raise UserError(f"--init gates: {task!r}'s allocation holds no stored task's delta whole; export "
+                                f"it with --union-of the tasks to mix (`taskedge export ... --union-of BUNDLE`)")
+        mix, info = gates.build(store, task, names, carried)
+        return mix.initial(TrainState.initial(folder, manifest).params), info, mix
+    scores = {n: carried(n)[1] for n in names}
     best = max(sorted(scores), key=lambda n: scores[n])
-    return states[best], {"from": best, "kept_share": round(scores[best], 6),
-                          "candidates": {n: round(s, 6) for n, s in sorted(scores.items())}}
+    return carried(best)[0], {"from": best, "kept_share": round(scores[best], 6),
+                              "candidates": {n: round(v, 6) for n, v in sorted(scores.items())}}, None

@@ -46,19 +46,23 @@ class AdaptOptions:
     quiet: bool = flag(False, "no progress output")
     init: Optional[str] = flag(None, "with --task, a new run starts from: zero (the bundle's initial state), a stored "
                                      "task's NAME, nearest, or nearest:A,B (its delta carried over where the "
-                                     "allocations share entries; the head starts fresh; runtime/compose.py)")
+                                     "allocations share entries; the head starts fresh; runtime/compose.py), or "
+                                     "gates / gates:A,B (train only a gate per stored task and layer mixing their "
+                                     "deltas; export with --union-of them; runtime/gates.py)")
     keep_run: bool = flag(False, "with --task: keep the run's checkpoints and update.npz once the task state is "
                                  "written (default: removed then, state.npz is the result; keep them for an "
                                  "exact --resume later)")
     from_run: Optional[dict] = None     # settings --resume took from the interrupted run (see `options`)
     initial: Optional[dict] = None      # trainable tensors a new run starts from (--init; None: the bundle's)
+    mix: Optional[object] = None        # --init gates: the stored deltas the gates mix (runtime/gates.py Mix)
 
 
 # The settings a run records in its checkpoints (train/resume.py: run_flags); `--resume` takes these for every
 # flag not given. A resumed run must keep SAME_ON_RESUME (else it silently trains on other data or in another
 # order); the others may change (extend --steps, lower --lr, add --skip-bad, another profile).
 SAME_ON_RESUME = ("data", "eval_data", "batch_size", "seed")
-RECORDED = SAME_ON_RESUME + ("profile", "power_mode", "steps", "epochs", "lr", "schedule", "warmup", "skip_bad")
+RECORDED = SAME_ON_RESUME + ("profile", "power_mode", "steps", "epochs", "lr", "schedule", "warmup", "skip_bad",
+                             "init")
 
 
 def options(bundle_dir, given: dict) -> AdaptOptions:

@@ -65,7 +65,7 @@ def check_resume(a, folder: Path) -> None:
 
 def start_state(a, opts) -> Optional[dict]:
     """--init: the run's starting tensors go into `opts.initial`; returns the report's "init" entry."""
-    spec = getattr(a, "init", None)
+    spec = opts.init                                  # given, or a resumed run's own
     task = getattr(a, "task", None)
     if task and not spec and not getattr(a, "resume", False) and not getattr(a, "fresh", False) \
             and (TaskStore(getattr(a, "store", None)).task_dir(task) / B.TASK_STATE).is_file():
@@ -74,7 +74,7 @@ def start_state(a, opts) -> Optional[dict]:
     if not spec:
         return None
     from .compose import initial
-    opts.initial, info = initial(TaskStore(getattr(a, "store", None)), a.task, spec)
+    opts.initial, info, opts.mix = initial(TaskStore(getattr(a, "store", None)), a.task, spec)
     return info
 
 

@@ -143,15 +143,28 @@ class Trainer:
     # -- steps ------------------------------------------------------------------
     def _feeds(self, batch: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
         feeds = {n: np.ascontiguousarray(a) for n, a in zip(self.data_names, batch)}
-        feeds.update(self.state.params)
+        feeds.update(self.trained_params())
         return feeds
+
+    def trained_params(self) -> Dict[str, np.ndarray]:
+        """The graph's trainable inputs, `manifest.trainable_names`: the state's own tensors here
+        (runtime/gates.py derives them from a few gates)."""
+        return self.state.params
+
+    def _state_grads(self, outputs: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
+        """The step graph's gradient outputs, keyed by the state's tensors."""
+        return dict(zip(self.names, outputs))
+
+    def _lr_groups(self) -> List[Tuple[Dict[str, np.ndarray], float]]:
+        """(state tensors, learning rate) groups of one optimizer step."""
+        return [(self.state.params, self.lr)]
 
     def train_step(self, batch: Sequence[np.ndarray]) -> Tuple[float, np.ndarray]:
         """Forward + backward on one micro-batch; its gradients are added to the accumulator,
         weighted by its size (so the update uses the mean gradient of the effective batch)."""
         out = self.session.run(None, self._feeds(batch))
         n = len(batch[-1])
-        for name, g in zip(self.names, out[2:]):
+        for name, g in self._state_grads(out[2:]).items():
             self._grad_sum[name] += np.float32(n) * g
         self._grad_count += n
         return float(out[0]), out[1]
@@ -165,7 +178,8 @@ class Trainer:
             return
         grads = {n: g / np.float32(self._grad_count) for n, g in self._grad_sum.items()}
         self.state.updates += 1
-        self.optimizer.step(self.state.params, grads, self.state.m, self.state.v, self.state.updates, self.lr)
+        for params, lr in self._lr_groups():
+            self.optimizer.step(params, grads, self.state.m, self.state.v, self.state.updates, lr)
         self.reset_grad()
 
     def eval_step(self, batch: Sequence[np.ndarray]) -> Tuple[float, np.ndarray]:

@@ -91,7 +91,7 @@ def test_init_from_itself_continues_a_pruned_run(store, mlp_data):
 @pytest.mark.parametrize("args, words", [
     (("--init", "nearest"), "no other trained task"),
     (("--init", "ghost"), "no task 'ghost'"),
-    (("--init", "nearest:"), "give the candidates"),
+    (("--init", "nearest:"), "give the tasks after the colon"),
     (("--init", "twin", "--resume"), "give one of them"),
 ])
 def test_init_refusals_are_one_line(tmp_path, mlp_bundle, mlp_data, args, words):
@@ -106,3 +106,91 @@ def test_init_refusals_are_one_line(tmp_path, mlp_bundle, mlp_data, args, words)
 def test_init_needs_a_task(mlp_bundle, mlp_data):
     r = run_cli("adapt", mlp_bundle, "--init", "nearest", "--data", mlp_data / "train.npz", "--steps", 1)
     assert r.returncode == 2 and "--task" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------- gates
+@pytest.fixture(scope="module")
+def union_bundle(tmp_path_factory, mlp_onnx, mlp_data, mlp_bundle, second_bundle):   # noqa: F811
+    from taskedge.export.config import ExportConfig
+    from taskedge.export.exporter import export_bundle
+    out = tmp_path_factory.mktemp("bundles") / "mix"
+    export_bundle(ExportConfig(model=str(mlp_onnx), out=str(out), calib=str(mlp_data / "test.npz"), budget=0.05,
+                               num_classes=3, seed=5, union_of=[str(mlp_bundle), str(second_bundle)]), log=lambda m: None)
+    return out
+
+
+@pytest.fixture()
+def gate_store(store, union_bundle):
+    assert run_cli("task", "add", union_bundle, "--name", "mix", "--store", store.root).returncode == 0
+    return store
+
+
+def test_union_allocation_holds_every_entry_of_the_given_tasks(union_bundle, mlp_bundle, second_bundle):  # noqa: F811
+    mine = load_allocation(union_bundle)
+    assert B.read_manifest(union_bundle).method["union_of"][0]["task"] == str(mlp_bundle)
+    for other in (mlp_bundle, second_bundle):
+        for w, idx in load_allocation(other).items():
+            for r in range(len(idx)):
+                assert set(idx[r]) <= set(mine[w][r])
+    a, b = load_allocation(mlp_bundle), load_allocation(second_bundle)
+    for w, idx in mine.items():        # as wide as the widest union; the rest this task's own best (no repeats)
+        assert idx.shape[1] == max(len(set(x) | set(y)) for x, y in zip(a[w], b[w]))
+        assert all(len(set(row)) == len(row) for row in idx)
+
+
+def test_gate_gradient_matches_finite_differences(gate_store, mlp_data):
+    from taskedge.runtime.compose import initial
+    from taskedge.runtime.gates import GATES, GatedTrainer
+    from taskedge.runtime.trainer import TrainState
+    init, info, mix = initial(gate_store, "mix", "gates")
+    assert info["tasks"] == ["four", "twin"] and init[GATES].shape == (2, len(mix.deltas))
+    folder = gate_store.task_dir("mix")
+    rng = np.random.default_rng(0)
+    init[GATES] = rng.uniform(-1, 1, init[GATES].shape).astype(np.float32)
+    tr = GatedTrainer(folder, B.read_manifest(folder), TrainState(init), threads=1, mix=mix)
+    with np.load(mlp_data / "test.npz") as z:
+        batch = [z["x"][:64], z["labels"][:64]]
+    tr.train_step(batch)
+    grad = tr._grad_sum[GATES] / tr._grad_count
+    eps = 1e-3                          # central differences of the float32 loss (measured: within 1 % here)
+    for t, j in [(0, 0), (1, len(mix.deltas) - 1), (0, 1), (1, 0)]:
+        loss = []
+        for s in (eps, -eps):
+            tr.state.params[GATES][t, j] += s
+            loss.append(tr.eval_step(batch)[0])
+            tr.state.params[GATES][t, j] -= s
+        fd = (loss[0] - loss[1]) / (2 * eps)
+        assert grad[t, j] == pytest.approx(fd, rel=3e-2, abs=3e-4), (t, j)
+    assert np.abs(grad).max() > 1e-3                                # the check is not of zeros
+
+
+def test_adapt_init_gates_trains_gates_and_writes_the_mixed_delta(gate_store, mlp_data):
+    from taskedge.runtime.compose import initial
+    from taskedge.runtime.gates import GATES
+    from taskedge.runtime.trainer import TrainState
+    r = run_cli("adapt", "--task", "mix", "--store", gate_store.root, "--init", "gates", "--data",
+                mlp_data / "train.npz", "--steps", 4, "--lr", "0.01", "--keep-run", "--quiet", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["init"]["from"] == "gates" and report["init"]["tasks"] == ["four", "twin"]
+    folder = gate_store.task_dir("mix")
+    ckpt = sorted((folder / "run").glob("ckpt-????????"))[-1]
+    _, _, mix = initial(gate_store, "mix", "gates")
+    state = TrainState.from_file(ckpt, mix.names)
+    assert np.abs(state.params[GATES]).max() > 0                    # the gates moved
+    m = B.read_manifest(folder)
+    written = B.read_task_state(folder / B.TASK_STATE, m, B.allocation_digest(folder, m))
+    for n, a in mix.inner(state.params).items():                    # the task state is the mix of those gates
+        np.testing.assert_array_equal(written[n], a)
+    r = run_cli("adapt", "--task", "mix", "--store", gate_store.root, "--resume", "--steps", 6, "--quiet", "--json")
+    assert r.returncode == 0, r.stderr                              # a gates run resumes as a gates run
+    assert json.loads(r.stdout)["steps"] == 6
+
+
+def test_gates_refuse_a_task_the_allocation_does_not_hold(store, mlp_data, mlp_onnx):
+    r = run_cli("adapt", "--task", "twin", "--store", store.root, "--init", "gates:four", "--fresh", "--data",
+                mlp_data / "train.npz", "--steps", 1)
+    assert r.returncode == 2 and "--union-of" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_cli("export", mlp_onnx, "--calib", mlp_data / "test.npz", "--num-classes", 3, "--out",
+                store.root / "never", "--union-of", store.root / "missing")
+    assert r.returncode == 2 and "--union-of" in r.stderr and not (store.root / "never").exists(), r.stderr

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from .. import bundle as B, lr_range
 from ..checkpoints import CheckpointStore
 from ..data import Dataset, load_dataset, split
 from ..fsutil import UserError, atomic_path
+from ..gates import GatedTrainer
 from ..options import AdaptOptions
 from ..profiles import load_profile
 from ..trainer import Trainer, TrainState
@@ -104,7 +106,8 @@ class Session:
             self._drop(())                  # the records the interrupted run dropped
         stop, run_steps = self._loop(total, effective, eval_batch)
         ckpt = self.store.path(st.step) if self.saved_at == st.step else self._save()   # unchanged: not rewritten
-        update_path = write_update(self.trainer.state, self.manifest, self.store.dir / "update.npz")
+        update_path = write_update(TrainState(self.trainer.trained_params()), self.manifest,
+                                   self.store.dir / "update.npz")
         acc_after = accuracy(self.trainer, self.eval_ds, eval_batch)
         peak = self.meters.memory.stop()
         self.log(f"stopped ({stop}) at step {st.step}; accuracy {st.accuracy_before:.4f} -> {acc_after:.4f}; "
@@ -193,14 +196,16 @@ class Session:
     def _open(self, ckpt_path: Optional[Path]) -> None:
         """Load the trainable state of a checkpoint (None: --init's start, else the bundle's initial state); the
         onnxruntime session is created once and kept."""
+        mix = self.opts.mix                                   # --init gates: the state is gates + head
         if ckpt_path is not None:
-            state = TrainState.from_file(ckpt_path, self.manifest.trainable_names)
+            state = TrainState.from_file(ckpt_path, mix.names if mix else self.manifest.trainable_names)
         elif self.opts.initial is not None:                  # --init: a start carried over from a stored task
             state = TrainState({k: np.array(v, dtype=np.float32) for k, v in self.opts.initial.items()})
         else:
             state = TrainState.initial(self.dir, self.manifest)
         if self.trainer is None:
-            self.trainer = Trainer(self.dir, self.manifest, state, device=self.opts.device, threads=self.opts.threads,
+            make = Trainer if mix is None else functools.partial(GatedTrainer, mix=mix)
+            self.trainer = make(self.dir, self.manifest, state, device=self.opts.device, threads=self.opts.threads,
                                    providers=self.profile.execution_providers)
         else:
             self.trainer.state = state
