@@ -128,8 +128,10 @@ def chat_preprocessing(tok, max_len: int) -> Dict[str, object]:
             "pad_id": int(pad), "max_len": int(max_len)}
 
 
-def _append_head(model: onnx.ModelProto, head_weight: str, hidden: str) -> None:
-    """hidden [B, T, H] -> logits [B, T, V] = hidden @ W^T, with W the [V, H] head weight."""
+def _append_head(model: onnx.ModelProto, head_weight: str, hidden: str, keep: str = "") -> None:
+    """hidden [B, T, H] -> logits [B, T, V] = hidden @ W^T, with W the [V, H] head weight: the first
+    output (and `keep`, an output kept after it)."""
+    kept = [o for o in model.graph.output if o.name == keep]
     edit = GraphEdit(model)
     e = Emitter(edit, HEAD)
     h = model.graph.initializer
@@ -141,6 +143,7 @@ def _append_head(model: onnx.ModelProto, head_weight: str, hidden: str) -> None:
     model.graph.node.extend(e.nodes)
     del model.graph.output[:]
     model.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", int(dims[0])]))
+    model.graph.output.extend(kept)
     edit.commit()
 
 
@@ -178,6 +181,8 @@ def export_causal_lm(folder: Path, gguf: Optional[str], opset: int):
     lm, tok = load(folder, gguf)
     limit = getattr(lm.config, "max_position_embeddings", None) or MAX_LEN
     model, frozen = export_onnx(lm, opset)
+    from .lm_decode import export_decode
+    decode = export_decode(lm, opset, model, frozen[1], _append_head)
     pre = chat_preprocessing(tok, min(MAX_LEN, int(limit)))
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
@@ -190,7 +195,8 @@ def export_causal_lm(folder: Path, gguf: Optional[str], opset: int):
     example = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     name = Path(gguf).stem if gguf else folder.resolve().name
     meta = {"name": name, "task": "causal_lm", "frozen": sorted(set(frozen)), "preprocessing": pre,
-            "tokenizer_text": tok_text, "vocab_size": int(lm.config.vocab_size)}
+            "tokenizer_text": tok_text, "vocab_size": int(lm.config.vocab_size),
+            **({"decode_model": decode} if decode is not None else {})}
     return model, name, meta, example
 
 

@@ -260,14 +260,16 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
             f"in {time.perf_counter() - t:.1f}s")
         manifest.step = B.StepSpec(loss=loss, logits=manifest.logits, grads=grad_names(training),
                                    lowered_ops=counts, optimizer=AdamW().to_dict())
-        manifest.weights = store_weights([base, training, evaluation], tmp, everything_of=base,
+        decode = src.meta.get("decode_model")       # a causal LM's KV-cache graph (export/lm_decode.py)
+        extra = ((B.DECODE_MODEL, decode),) if decode is not None else ()
+        manifest.weights = store_weights([base, training, evaluation] + [g for _, g in extra], tmp, everything_of=base,
                                          task_own=head_params)
-        for name, graph in ((B.STEP_MODEL, training), (B.EVAL_MODEL, evaluation), (B.BASE_MODEL, base)):
+        for name, graph in ((B.STEP_MODEL, training), (B.EVAL_MODEL, evaluation), (B.BASE_MODEL, base)) + extra:
             onnx.save(graph, str(tmp / name))
         np.savez_compressed(tmp / B.INITIAL_STATE, **{n: numpy_helper.to_array(values[n]) for n in trainable})
         np.savez_compressed(tmp / B.ALLOCATION, **{k: v.astype(np.uint16 if v.max(initial=0) < 65536 else np.int32)
                                         for k, v in indices.items()})   # smallest index type on disk
-        files = list(B.REQUIRED_FILES)
+        files = list(B.REQUIRED_FILES) + [name for name, _ in extra]
         tok = src.meta.get("tokenizer")
         if tok:
             shutil.copyfile(tok, tmp / B.TOKENIZER)

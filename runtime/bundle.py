@@ -54,6 +54,7 @@ MANIFEST = "manifest.json"
 STEP_MODEL = "step_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
 BASE_MODEL = "base_model.onnx"
+DECODE_MODEL = "decode_model.onnx"       # a causal LM's KV-cache graph (optional; runtime/generate.py)
 WEIGHTS = "weights.bin"
 TASK_WEIGHTS = "task_weights.bin"
 INITIAL_STATE = "initial_state.npz"

@@ -74,7 +74,8 @@ def merge(bundle_dir, out, update: Optional[str] = None, run_dir: Optional[str] 
     bundle_dir = Path(bundle_dir)
     manifest = B.load_bundle(bundle_dir)
     params = load_update(bundle_dir, manifest, update, run_dir)
-    entries = [e for e in manifest.weights if e.base]
+    graph = B.DECODE_MODEL if B.DECODE_MODEL in manifest.files else B.BASE_MODEL    # a causal LM's KV-cache graph
+    entries = [e for e in manifest.weights if e.base or e.name.startswith("decode/")]
     weights = map_weights(bundle_dir, entries)
     with np.load(bundle_dir / B.ALLOCATION, allow_pickle=False) as z:
         alloc = {k: z[k] for k in z.files}
@@ -91,7 +92,7 @@ def merge(bundle_dir, out, update: Optional[str] = None, run_dir: Optional[str] 
                 f.write(np.ascontiguousarray(a).tobytes())
     else:
         tensors = [onnx_wire.tensor(name, a) for name, a in weights.items()]
-    skeleton = onnx_wire.strip_initializers((bundle_dir / B.BASE_MODEL).read_bytes())
+    skeleton = onnx_wire.strip_initializers((bundle_dir / graph).read_bytes(), set(weights))
     with atomic_path(out, suffix=".onnx") as tmp:
         tmp.write_bytes(onnx_wire.with_initializers(skeleton, tensors))
     return {"out": str(out), "bytes": out.stat().st_size, "layers_merged": len(manifest.layers),

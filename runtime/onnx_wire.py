@@ -7,7 +7,7 @@ model with more initializers. Field numbers are from onnx.proto (IR version 3 on
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -84,15 +84,22 @@ def _varint_field(number: int, value: int) -> bytes:
     return _varint(number << 3) + _varint(value)
 
 
-def strip_initializers(model: bytes) -> bytes:
-    """The model with every (sparse) initializer of its main graph removed."""
+def _tensor_name(tensor: memoryview) -> str:
+    return next((bytes(_payload(tensor, s)).decode("utf-8") for n, w, s, _ in fields(tensor)
+                 if n == TENSOR_NAME and w == 2), "")
+
+
+def strip_initializers(model: bytes, only: Optional[Set[str]] = None) -> bytes:
+    """The model with every (sparse) initializer of its main graph removed (with `only`: the
+    initializers of those names; the others stay)."""
     buf = memoryview(model)
     out = bytearray()
     for number, wire, start, end in fields(buf):
         if number == MODEL_GRAPH and wire == 2:
             graph = _payload(buf, start)
             kept = b"".join(bytes(graph[s:e]) for n, _, s, e in fields(graph)
-                            if n not in (GRAPH_INITIALIZER, GRAPH_SPARSE_INITIALIZER))
+                            if n not in (GRAPH_INITIALIZER, GRAPH_SPARSE_INITIALIZER) or
+                            (only is not None and n == GRAPH_INITIALIZER and _tensor_name(_payload(graph, s)) not in only))
             out += _field(MODEL_GRAPH, kept)
         else:
             out += buf[start:end]

@@ -12,63 +12,15 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from taskedge.export.config import ExportConfig  # noqa: E402
-from taskedge.export.exporter import export_bundle  # noqa: E402
 from taskedge.runtime import bundle as B, lm  # noqa: E402
 
 from conftest import open_trainer, run_cli, standard_only  # noqa: E402
-
-WORDS = "the a film was is good bad great dull fun plot cast review positive negative".split()
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def _records(n, seed):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        pos = bool(rng.integers(2))
-        words = " ".join(rng.choice(WORDS[:12], rng.integers(2, 8)))
-        out.append({"prompt": f"review: {words} {'good' if pos else 'bad'}", "answer": "positive" if pos else "negative"})
-    return out
-
-
-def _write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
+from tiny_llama import make_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    root = tmp_path_factory.mktemp("lm")
-    folder = root / "tiny-llama"
-    special = ["<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {w: i for i, w in enumerate(special + ["user", "assistant", ":"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(special)
-    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():                   # trained norms are not all ones (identical ones get merged)
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.add_(0.2 * torch.randn_like(p))
-    model.save_pretrained(folder)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
-         "unk_token": "<unk>", "chat_template": TEMPLATE}))
-    train = _write_jsonl(root / "train.jsonl", _records(96, 0))
-    test = _write_jsonl(root / "test.jsonl", _records(24, 1))
-    bundle = root / "bundle"
-    export_bundle(ExportConfig(model=f"hf:{folder}", out=str(bundle), calib=str(train), budget=0.05, batch_size=16),
-                  log=lambda m: None)
-    return {"root": root, "folder": folder, "train": train, "test": test, "bundle": bundle, "torch": model}
+    return make_tiny(tmp_path_factory.mktemp("lm"))
 
 
 def test_export_records_the_chat_template_and_freezes_the_head(tiny):
@@ -194,14 +146,3 @@ def test_gguf_errors_are_one_line(tiny, tmp_path):
     r = run_cli("export", tiny["train"], "--gguf", "x.gguf", "--out", tmp_path / "b")
     assert r.returncode == 2 and "give the folder holding it as hf:FOLDER" in r.stderr, r.stderr
     assert not (tmp_path / "b").exists()
-
-
-@pytest.mark.slow
-def test_bench_llm_rows(tiny, capsys):
-    pytest.importorskip("peft")
-    from taskedge.tools import bench_llm
-    assert bench_llm.main([str(tiny["bundle"]), str(tiny["train"]), str(tiny["folder"]), "--steps", "1", "--json"]) == 0
-    rows = {r["engine"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
-    assert set(rows) == set(bench_llm.ENGINES) and all("error" not in r for r in rows.values()), rows
-    assert rows["taskedge"]["trainable"] < rows["torch-lora-r8"]["trainable"] < rows["torch-full"]["trainable"]
-    assert all(r["peak_rss_mb"] > 0 and r["step_ms"] > 0 for r in rows.values())
