@@ -82,7 +82,7 @@ def run_demo(seed: int = 0, out: str = "demo_out", profile: str = "jetson-orin-n
     merged = root / "adapted.onnx"
     merge(bundle, merged)
     log("evaluating the prompt-only baseline and the domain perplexity; answering side by side")
-    base = bundle / B.BASE_MODEL
+    base = bundle / (B.DECODE_MODEL if B.DECODE_MODEL in man.files else B.BASE_MODEL)     # with its KV cache
     fewshot = evaluate(bundle, data["fewshot"], model=str(base))
     ppl = {k: evaluate(bundle, data["domain"], model=str(m))["perplexity"] for k, m in (("base", base), ("adapted", merged))}
     enc = Encoder(bundle / B.TOKENIZER, man.preprocessing)
