@@ -38,6 +38,9 @@ def clip_grads_from_output(model: onnx.ModelProto) -> int:
         dy = [i for i in op["Mul"].input if i != mask][0]
         e = Emitter(G, f"{clip.name}_Grad/from_output")
         inside = e("And", [e("Greater", [clip.output[0], lo]), e("Less", [clip.output[0], hi])])
+        # the float mask is made when dy exists (else ORT casts every mask in the forward pass and
+        # keeps them, 4 bytes per element, until the backward reaches them)
+        inside = e.tie_after(inside, dy, "_mask_after_dy")
         e("Mul", [dy, e("Cast", [inside], to=int(node_attr(op["Cast"], "to", onnx.TensorProto.FLOAT)))],
           op["Mul"].output[0])
         G.replace(op["Mul"], e.nodes)
