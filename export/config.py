@@ -42,7 +42,8 @@ class ExportConfig:
     head_only: bool = flag(False, "train only the new head (linear-probe baseline)")
     union_of: List[str] = flag(help="a stored task's bundle/task folder or pack (repeatable): the allocation holds "
                                     "every entry of theirs, topped up with this task's best, so `adapt --task NEW "
-                                    "--init gates` can mix their deltas (export/compose.py)", default_factory=list)
+                                    "--init gates` can mix their deltas (export/compose.py)", default_factory=list,
+                               metavar="TASK")
     formulation: Dict[str, str] = flag(help="update formulation per op type, e.g. MatMul=gather, Conv=scatter",
                                        metavar="OP=FORM", default_factory=dict, parse=_op_forms)
     dense_backward: bool = flag(False, "keep ORT's dense weight gradient for scatter layers (slower; for comparison)")

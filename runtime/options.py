@@ -48,7 +48,7 @@ class AdaptOptions:
                                      "task's NAME, nearest, or nearest:A,B (its delta carried over where the "
                                      "allocations share entries; the head starts fresh; runtime/compose.py), or "
                                      "gates / gates:A,B (train only a gate per stored task and layer mixing their "
-                                     "deltas; export with --union-of them; runtime/gates.py)")
+                                     "deltas; export with --union-of them; runtime/gates.py)", metavar="SPEC")
     keep_run: bool = flag(False, "with --task: keep the run's checkpoints and update.npz once the task state is "
                                  "written (default: removed then, state.npz is the result; keep them for an "
                                  "exact --resume later)")
