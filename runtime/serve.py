@@ -52,24 +52,6 @@ def trained_params(folder: Path, manifest: B.Manifest) -> tuple:
     return TrainState.initial(folder, manifest).params, "initial (untrained)"
 
 
-_ARENA: List[bool] = []
-
-
-def shared_arena() -> bool:
-    """One CPU arena for every session of this process (registered once): a second session (another
-    head shape) then adds no second activation arena (MiniLM, 3 tasks in 2 sessions, batch 32: peak
-    RSS 230 -> 186 MB; one task alone 183 MB)."""
-    if not _ARENA:
-        from .ort import onnxruntime as ort
-        try:
-            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
-            _ARENA.append(True)
-        except Exception:                   # an onnxruntime without it, or one registered already elsewhere
-            _ARENA.append(False)
-    return _ARENA[0]
-
-
 class Runtime:
     def __init__(self, base: Optional[str] = None, store=None, threads: int = 0,
                  providers: Optional[List[str]] = None):
@@ -135,8 +117,7 @@ class Runtime:
         inits = [(e.name, ort.OrtValue.ortvalue_from_numpy(buffers.get(e.name, self.weights.get(e.name))), None)
                  for e in shared]
         sess = open_session(folder / B.BASE_MODEL, self.threads, self.providers, initializers=inits,
-                            config={"session.disable_prepacking": "1", "session.use_env_allocators": "1"}
-                            if shared_arena() else {"session.disable_prepacking": "1"})
+                            config={"session.disable_prepacking": "1"})     # open_session: the shared arena
         self.sessions[task.graph] = (sess, buffers, inits)      # inits keep the OrtValues alive
 
     # -- swapping -----------------------------------------------------------------------------
