@@ -22,11 +22,13 @@ class AdaptOptions:
     memory_budget_mb: Optional[float] = flag(None, "peak RSS budget (default: the profile's share)", check=POSITIVE)
     energy_budget_j: Optional[float] = flag(None, "stop cleanly at this much energy (joules, cumulative)", check=POSITIVE)
     max_seconds: Optional[float] = flag(None, "stop after this many seconds", check=POSITIVE)
-    steps: Optional[int] = flag(None, "optimizer steps to run in total", check=at_least(1))
+    steps: Optional[int] = flag(None, "optimizer steps to run in total (default: one epoch, at least 100 steps)",
+                                check=at_least(1))
     epochs: Optional[float] = flag(None, "epochs over --data (if --steps is not given)", check=POSITIVE)
     batch_size: int = flag(32, "effective batch size (micro-batch x accumulation)", check=at_least(1))
     micro_batch: Optional[int] = flag(None, "force the micro-batch instead of planning it", check=at_least(1))
-    lr: Optional[float] = flag(None, "peak learning rate (default: the bundle's)", check=POSITIVE)
+    lr: Optional[float] = flag(None, "peak learning rate (default: the bundle's, else picked by short trials of the "
+                                     "planned run on held-out training data)", check=POSITIVE)
     schedule: str = flag("cosine", "lr schedule", choices=["cosine", "linear", "constant"])
     warmup: int = flag(10, "warm-up steps", check=at_least(0))
     eval_every: int = flag(0, "evaluate every N steps (0: at the start and the end)", check=at_least(0))

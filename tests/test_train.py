@@ -46,7 +46,8 @@ def test_schedule_warmup_decay_and_data_order():
     assert not np.array_equal(np.concatenate(epoch), np.concatenate([batch_indices(s, 10, 4, 3) for s in (3, 4, 5)]))
     assert not np.array_equal(batch_indices(0, 10, 4, seed=3), batch_indices(0, 10, 4, seed=4))
     o = AdaptOptions(data="d")
-    assert planned_steps(o, 100, 32) == 4                                   # one epoch by default
+    assert planned_steps(o, 100, 32) == 100                     # one epoch by default, but at least 100 steps
+    assert planned_steps(o, 8000, 32) == 250
     assert planned_steps(AdaptOptions(data="d", epochs=2.5), 100, 32) == 10
     assert planned_steps(AdaptOptions(data="d", steps=7, epochs=2), 100, 32) == 7
     assert planned_steps(AdaptOptions(data="d", max_seconds=60), 100, 32) is None

@@ -11,13 +11,19 @@ from typing import Optional
 import numpy as np
 
 
+# The default run: one epoch, but at least this many steps. One epoch of a small data set is too short
+# to learn from: 20 steps on 630 digits reached 0.34-0.63 where 100 steps reached 0.70-0.91 (README,
+# "The learning rate, when you give none").
+MIN_DEFAULT_STEPS = 100
+
+
 def planned_steps(opts, n_train: int, effective: int) -> Optional[int]:
-    """--steps, else --epochs over the training set, else one epoch unless --max-seconds or an
-    energy budget given on the command line ends the run (None: no step limit)."""
+    """--steps, else --epochs over the training set, else one epoch but at least MIN_DEFAULT_STEPS,
+    unless --max-seconds or an energy budget given on the command line ends the run (None: no step limit)."""
     per_epoch = math.ceil(n_train / effective)
     total = opts.steps or (int(math.ceil(opts.epochs * per_epoch)) if opts.epochs else None)
     if total is None and not opts.max_seconds and opts.energy_budget_j is None:
-        total = per_epoch
+        total = max(per_epoch, MIN_DEFAULT_STEPS)
     return total
 
 

@@ -93,10 +93,10 @@ class Session:
             self.trainer, self.train_ds, self.meters.memory, effective, self.budget_mb, self.log))
         self.planned = dict(st.plan)
         effective = int(st.plan["effective_batch"])           # a resumed run keeps its plan
-        if opts.lr is None and self.manifest.method.get("lr") is None and st.step == 0:
-            opts.lr = self._choose_lr(effective)
-            st.flags = resume.run_flags(opts, len(self.full_train))    # --resume takes the chosen rate
         total = planned_steps(opts, len(self.train_ds), effective)
+        if opts.lr is None and self.manifest.method.get("lr") is None and st.step == 0:
+            opts.lr = self._choose_lr(effective, total)
+            st.flags = resume.run_flags(opts, len(self.full_train))    # --resume takes the chosen rate
         eval_batch = max(st.micro_batch, 16)
         if st.accuracy_before is None:
             st.accuracy_before = accuracy(self.trainer, self.eval_ds, eval_batch)
@@ -173,9 +173,10 @@ class Session:
         return stop, run_steps
 
     # -- its parts ---------------------------------------------------------------
-    def _choose_lr(self, effective: int) -> float:
-        """No --lr and none in the bundle: short trials of each candidate rate from the start state,
-        judged on a held-out slice of the training data (runtime/lr_range.py)."""
+    def _choose_lr(self, effective: int, total: Optional[int]) -> float:
+        """No --lr and none in the bundle: short copies of the planned run (`total` steps) at the
+        candidate rates from the start state, judged on a held-out slice of the training data
+        (runtime/lr_range.py)."""
         n, micro = len(self.train_ds), self.state.micro_batch
         order = np.random.default_rng([self.opts.seed, 1]).permutation(n)
         held, rest = order[: max(1, min(128, n // 10))], order[max(1, min(128, n // 10)):]
@@ -186,11 +187,15 @@ class Session:
             idx = rest[batch_indices(step, len(rest), effective, self.opts.seed)]
             return [self.train_ds.batch(idx[i:i + micro]) for i in range(0, len(idx), micro)]
         held_out = [self.train_ds.batch(held[i:i + micro]) for i in range(0, len(held), micro)]
-        lr, table = lr_range.pick_lr(self.trainer, step_batches, held_out, log=self.log)
+        steps = lr_range.trial_steps(total)
+        warmup = lr_range.trial_warmup(steps, total, self.opts.warmup)
+        lr, table = lr_range.pick_lr(self.trainer, step_batches, held_out, steps, schedule=self.opts.schedule,
+                                     warmup=warmup, log=self.log)
         self.trainer.close_eval()
-        self.lr_choice = {"chosen_by": "trial", "trials": table, "held_out_examples": int(len(held))}
-        self.log(f"learning rate {lr:g}, chosen by {lr_range.TRIAL_STEPS}-step trials of "
-                 f"{', '.join(f'{c:g}' for c in lr_range.CANDIDATES)} (held-out training loss)")
+        self.lr_choice = {"chosen_by": "trial", "trials": table, "trial_steps": steps,
+                          "held_out_examples": int(len(held))}
+        self.log(f"learning rate {lr:g}, chosen by {steps}-step trials ({self.opts.schedule}, {warmup} warm-up) "
+                 f"walking {', '.join(f'{c:g}' for c in lr_range.CANDIDATES)} (held-out training loss)")
         return lr
 
     def _open(self, ckpt_path: Optional[Path]) -> None:
