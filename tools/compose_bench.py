@@ -15,6 +15,8 @@ Families:
   vision  ImageNet MobileNetV2 at 1 % on 64x64 digits (scikit-learn's): low (digits 0-4), high (digits 5-9),
           parity (odd / even, all digits)
 Writes OUT/compose.json and OUT/compose.md. Every run is `taskedge` in its own process, as on a board.
+Stored tasks already in OUT/FAMILY/store are not trained again (e.g. a link to tools/tasks_bench.py's store,
+whose three real tasks are these, on the same data).
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ def run_family(family: str, a, out: Path) -> list:
                       *[x for o in others for x in ("--union-of", store.task_dir(o))])
                 T.cli("task", "add", out / "bundles" / new, "--name", new, "--store", store.root, "--replace")
             else:
-                T.cli("task", "add", out / "bundles" / name, "--name", new, "--store", store.root, "--replace")
+                T.cli("task", "add", store.task_dir(name), "--name", new, "--store", store.root, "--replace")
             init = {"zero": "zero", "nearest": "nearest:" + ",".join(others), "gates": "gates:" + ",".join(others)}
             rep = T.cli("adapt", "--task", new, "--store", store.root, "--init", init[method], "--data",
                         d / "train.npz", "--eval-data", d / "test.npz", "--steps", a.steps, *common)
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--donor-steps", type=int, default=100, help="steps of each stored task")
     ap.add_argument("--only", choices=sorted(FAMILIES), help="one family (default: both)")
     ap.add_argument("--n-train", type=int, default=2000, help="text: training examples per task")
-    ap.add_argument("--n-test", type=int, default=500, help="text: held-out test examples per task")
+    ap.add_argument("--n-test", type=int, default=1000, help="text: held-out test examples per task")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads of each run")
     a = ap.parse_args(argv)
     out = Path(a.out)
