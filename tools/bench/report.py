@@ -78,7 +78,8 @@ def format_md(r: dict) -> str:
            f"({_fmt_bytes(r['model_bytes'])} fp32). Machine: {r['machine']['cpus']} cores, load average "
            f"{r['machine']['loadavg_start'][0]} at start / {r['machine']['loadavg_end'][0]} at end (shared host: "
            f"other jobs ran concurrently, so absolute times are noisy).", "",
-           f"Learning rates (constant after {r['warmup_lr_steps']} linear warm-up steps, AdamW eps 1e-6, no weight "
+           f"Learning rates ({r.get('schedule', 'constant')} after {r['warmup_lr_steps']} linear warm-up steps, "
+           f"AdamW eps 1e-6, no weight "
            f"decay): TaskEdge {r['lr']['taskedge']:g} (delta and head), LoRA {r['lr']['lora']:g}, full FT "
            f"{r['lr']['full']:g}; new head {r['lr']['head']:g} in every variant"
            + "".join(f"; {n} {v['lr']:g} (tuned)" for n, v in r["variants"].items()

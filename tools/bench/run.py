@@ -16,7 +16,7 @@ from pathlib import Path
 from . import report as R
 from .build import prepare
 from .targets import compare, evaluate_targets, primary_variant, time_ratio
-from .variants import FULL, LR, MODELS, QUICK, THREADS, TIMED_ENGINES, VARIANTS
+from .variants import FULL, LR, MODELS, QUICK, SCHEDULE, THREADS, TIMED_ENGINES, VARIANTS
 
 
 def stderr_log(msg: str) -> None:
@@ -105,6 +105,7 @@ def run_bench(model: str = "text", quick: bool = False, steps: int = None, seed:
                   "execution_provider": "CPUExecutionProvider", "threads": THREADS, "batch": cfg["batch"],
                   "steps": cfg["steps"], "measured_steps": cfg["steps"] - cfg["skip"],
                   "rounds": cfg["rounds"], "timing_steps": cfg["timing_steps"], "warmup_lr_steps": cfg["warmup"],
+                  "schedule": SCHEDULE,
                   "max_len": 48 if model == "text" else None, "n_train": spec["n_train"], "n_test": spec["n_test"],
                   "num_weights": spec["num_weights"], "model_bytes": model_bytes, "lr": dict(LR),
                   "primary": primary, "variants": res, "skipped": spec["skipped"], "targets": targets,

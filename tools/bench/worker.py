@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .variants import EVAL_BATCH, LR, slug
+from .variants import EVAL_BATCH, LR, SCHEDULE, slug
 
 # engine kind (variants.VARIANTS) -> (module, class); imported only in the worker that runs it
 ENGINES = {"ort": ("ort_engines", "OrtTrainingEngine"), "step": ("ort_engines", "StepEngine"),
@@ -59,7 +59,7 @@ def run_variant(name: str, spec: dict, v: dict) -> dict:
     times, losses = [], []
     for step in range(steps):
         batch = data.batch(batch_indices(step, len(data), spec["batch"], spec["seed"]))
-        lrs = [lr_at(step, steps, base, "constant", spec["warmup"]) for base in engine.lrs]
+        lrs = [lr_at(step, steps, base, SCHEDULE, spec["warmup"]) for base in engine.lrs]
         t0 = time.perf_counter()
         loss = engine.step(batch, lrs)
         times.append(time.perf_counter() - t0)
