@@ -23,8 +23,9 @@ Variants
   torch-lora8         PyTorch + peft LoRA r=8 (alpha 16), same layers
   torch-taskedge-0.1% PyTorch, W + scatter_add(delta) at the bundle's allocation indices
 
-Learning rates (cosine decay after a linear warm-up, as adapt runs; AdamW betas 0.9/0.999, eps 1e-6, no weight
-decay = what ORT's generated AdamW does, and the runtime's): TaskEdge 1e-2 (delta and head share one lr),
+Learning rates (cosine decay after a linear warm-up, as adapt runs; AdamW betas 0.9/0.999,
+eps 1e-6, no weight decay = what ORT's generated AdamW does, and the runtime's): TaskEdge 1e-2
+(delta and head share one lr),
 LoRA 2e-3, full FT 1e-4; the new head 1e-2 everywhere (ORT baselines: head reparametrised as
 s * W', see export/baselines.py; torch: a parameter group).
 """
