@@ -25,9 +25,8 @@ Variants
 
 Learning rates (cosine decay after a linear warm-up, as adapt runs; AdamW betas 0.9/0.999,
 eps 1e-6, no weight decay = what ORT's generated AdamW does, and the runtime's): TaskEdge 1e-2
-(delta and head share one lr),
-LoRA 2e-3, full FT 1e-4; the new head 1e-2 everywhere (ORT baselines: head reparametrised as
-s * W', see export/baselines.py; torch: a parameter group).
+(delta and head share one lr), LoRA 2e-3, full FT 1e-4; the new head 1e-2 everywhere (ORT
+baselines: head reparametrised as s * W', see export/baselines.py; torch: a parameter group).
 """
 # The files, in the order a run uses them:
 #   variants.py      the registry: models, variants, learning rates, run sizes
