@@ -34,5 +34,7 @@ def test_efficientnet_lite0_onnx_file_with_default_flags(tmp_path):
     assert merged["layers_merged"] == 49
     evaluated = cli_json("eval", "taskedge", "--data", "test.npz", "--model", "adapted.onnx", cwd=tmp_path)
     assert evaluated["accuracy"] == acc["taskedge"]                # the merged model predicts what the bundle does
-    # 10 classes (chance 0.1); one epoch (40 steps) of defaults reaches ~0.85 for both (README table)
-    assert acc["taskedge"] > 0.75 and acc["probe"] > 0.75, acc
+    # 10 classes (chance 0.1); the default run (one epoch is 40 steps here, so the 100-step floor) reached
+    # 0.935 against the probe's 0.913 (README table); with the earlier default (40 steps, 12-step trials) the
+    # probe led, 0.856 to 0.848
+    assert acc["taskedge"] > acc["probe"] > 0.75, acc
