@@ -12,8 +12,8 @@ import numpy as np
 
 
 # The default run: one epoch, but at least this many steps. One epoch of a small data set is too short
-# to learn from: 20 steps on 630 digits reached 0.34-0.63 where 100 steps reached 0.70-0.91 (README,
-# "The learning rate, when you give none").
+# to learn from: 20 steps on 627 digits reached at most 0.47 / 0.55 / 0.72 (CNN / MLP / transformer, best
+# rate of the grid), 100 steps 0.81 / 0.70 / 0.91 (README, "The learning rate and the run length").
 MIN_DEFAULT_STEPS = 100
 
 
