@@ -107,6 +107,17 @@ def validate(cfg: ExportConfig) -> Optional[tuple]:
     return nm
 
 
+def _no_ops_message(model: onnx.ModelProto, candidates, cfg: ExportConfig, skip: set) -> str:
+    """Why nothing is left to adapt: the filters, or weights only in ops TaskEdge does not adapt."""
+    if candidates:
+        return f"no weight-bearing op left after --include {cfg.include} --exclude {cfg.exclude}"
+    inits = {t.name for t in model.graph.initializer if len(t.dims) >= 2} - skip
+    other = sorted({n.op_type for n in model.graph.node if any(i in inits for i in n.input)})
+    return ("no layer TaskEdge can adapt: it adapts MatMul, Gemm and Conv weights"
+            + (f"; this model's other weights are in {', '.join(other)} nodes" if other else "")
+            + " (the new head alone trains with --head-only)")
+
+
 def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Manifest:
     t0 = time.perf_counter()
     nm = validate(cfg)
@@ -166,7 +177,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
     if cfg.head_only:
         ops = []
     elif not ops:
-        raise UserError(f"no weight-bearing op left after --include {cfg.include} --exclude {cfg.exclude}")
+        raise UserError(_no_ops_message(model, candidates, cfg, head_params | frozen))
 
     budget = imp.budget_entries(cfg.budget, num_weights)
     k = imp.per_row_k(budget, [op.rows for op in ops])

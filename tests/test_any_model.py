@@ -143,6 +143,26 @@ def test_two_feature_outputs_are_listed(tmp_path):
     adapt_merge_parity(bundle, tmp_path / "d.npz", tmp_path)
 
 
+def test_weights_only_in_ops_it_cannot_adapt_are_named(tmp_path):
+    """An LSTM with a classifier: the classifier is replaced by the new head, the LSTM's weights are
+    not adaptable; the error says so (and the way out), not "nothing left after --include/--exclude"."""
+    class Rnn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = torch.nn.LSTM(6, 8, batch_first=True), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    x = np.random.default_rng(0).standard_normal((16, 5, 6)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, labels=(x[:, 0, 0] > 0).astype(np.int64))
+    model = _export_torch(Rnn(), {"x": torch.from_numpy(x[:2])}, tmp_path / "rnn.onnx", ["y"])
+    with pytest.raises(UserError, match=r"adapts MatMul, Gemm and Conv weights; this model's other weights are in "
+                                        r"LSTM nodes \(the new head alone trains with --head-only\)"):
+        _export(tmp_path, model, tmp_path / "d.npz")
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_fresh_transformer_encoder_with_merged_identical_tensors(tmp_path):
     """torch.onnx stores identical tensors once (every LayerNorm of a fresh nn.TransformerEncoder
     shares one weight; layer 2's weights are Identity nodes of layer 1's). ORT's gradient builder
