@@ -71,7 +71,7 @@ def format_md(r: dict) -> str:
            f"`head-only` is the reference: the new head alone trains (the linear probe; none on a task that keeps "
            f"its own head). "
            + (f"Learning rate: {r['fixed_lr']:g} for every run (--lr). " if r.get("fixed_lr") else
-              "Learning rate: adapt's own trials (12 steps each of 1e-3, 3e-3, 1e-2, 3e-2 on held-out training data) "
+              "Learning rate: adapt's own trials (runtime/lr_range.py, judged on held-out training data) "
               "at seed 0, per task and rule, kept for the other seeds. ")
            + f"Machine: {m['cpus']} cores, load average "
            f"{m['loadavg_start'][0]} at start / {m['loadavg_end'][0]} at end of this call; the runs took "
