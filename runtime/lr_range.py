@@ -3,12 +3,12 @@ small copy of the planned run (the run's schedule, warm-up and decay, squeezed i
 steps), judged by the loss on a held-out slice of the TRAINING data (the eval data is never
 looked at). The trials leave the trainer's state as it was.
 
-Why this shape (README, "The learning rate, when you give none"): trials at a constant rate favour
-low rates (a high rate still bounces when the trial stops; the run's decay would have settled it),
-and 12 steps say little about a 100- or 200-step run, so a trial runs the run's schedule over about
-a quarter of its steps. The rates are walked from START along the grid, towards the lower loss,
-until the loss rises again (the loss over log-rates has one valley in every run measured), which
-costs three trials where the whole grid would cost five."""
+Why this shape (README, "The learning rate and the run length, when you give none"): trials at a
+constant rate favour low rates (a high rate still bounces when the trial stops; the run's decay
+would have settled it), and 12 steps say little about a 100- or 200-step run, so a trial runs the
+run's schedule over about a quarter of its steps. The rates are walked from START along the grid,
+towards the lower loss, until the loss rises again (the full tables measured on the digits models
+had one valley), which costs three or four trials where the whole grid would cost five."""
 from __future__ import annotations
 
 import copy
