@@ -7,7 +7,8 @@ fine-tuning on ORT-training's own API and on PyTorch (+ peft), the same model, b
 Every engine runs in a fresh process (peak RSS is that process's `ru_maxrss`): `--steps` optimizer
 steps over the same batches (runtime/train/schedule.py: the seed's permutation, warm-up then cosine
 to 0 at the engine's own lr), then exact match and perplexity of the answers on --test and the
-perplexity of the --domain texts (tools/llm_data.py). Step time is the median step after the first.
+perplexity of the --domain texts (tools/llm_data.py). Step time is the median step after the first;
+the peak is the process's at the end of training (fits: against it), then after the evaluation.
 The ORT-training artifacts are built first, each in its own process, into --work (kept: a rerun
 reuses them). HF_FOLDER is the float32 checkpoint the bundle was exported from (for a GGUF:
 export/causal_lm.py `save_folder`). Budgets: the Orin Nano 8 GB / 4 GB profiles' memory shares.
@@ -55,8 +56,9 @@ def worker(a) -> dict:
     from taskedge.runtime.train.schedule import batch_indices, lr_at
     data = _data(Path(a.bundle), {"train": a.train, "test": a.test, "domain": a.domain})
     eng = make(a.worker, Path(a.bundle), a.folder, Path(a.work), a.threads)
+    if a.base_eval:                  # its own process: an eval session before training would raise the train peak
+        return {"base": _evaluate(eng, data)}
     lr, times, losses = a.lr or LRS[a.worker], [], []
-    before = _evaluate(eng, data) if a.base_eval else None
     for step in range(a.steps):
         b = data["train"].batch(batch_indices(step, len(data["train"].labels), a.batch, a.seed))
         t = time.perf_counter()
@@ -66,7 +68,7 @@ def worker(a) -> dict:
     return {"engine": a.worker, "lr": lr, "steps": a.steps, "trainable": int(eng.trainable),
             "update_bytes": int(eng.update_bytes), "step_ms": round(1e3 * float(np.median(times[1:] or times)), 1),
             "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
-            **_evaluate(eng, data), "peak_rss_mb": _peak_mb(), **({"base": before} if before else {})}
+            "train_peak_rss_mb": _peak_mb(), **_evaluate(eng, data), "peak_rss_mb": _peak_mb()}
 
 
 def _evaluate(eng, data) -> dict:
@@ -99,10 +101,12 @@ def run(a) -> dict:
                 rows.append({"engine": engine, "error": f"artifacts: {built['error']}"})
                 continue
         print(f"[bench-llm] {engine}: {a.steps} steps", file=sys.stderr, flush=True)
-        row = {"engine": engine, **_child(a, "--worker", engine, *(["--base-eval"] if engine == "taskedge" else []))}
+        row = {"engine": engine, **_child(a, "--worker", engine)}
+        if engine == "taskedge":
+            row.update(_child(a, "--worker", engine, "--base-eval"))
         if engine in ORT_KINDS:
             row["build"] = json.loads((Path(a.work) / engine / "bench.json").read_text())
-        row.update({f"fits_{k}": row.get("peak_rss_mb", float("inf")) <= v for k, v in budgets.items()})
+        row.update({f"fits_{k}": row.get("train_peak_rss_mb", float("inf")) <= v for k, v in budgets.items()})
         rows.append(row)
     return {"rows": rows, "budgets_mb": budgets, "load_average": os.getloadavg(), "steps": a.steps, "batch": a.batch}
 
@@ -110,18 +114,18 @@ def run(a) -> dict:
 def format_table(res: dict) -> str:
     b = res["budgets_mb"]
     lines = [f"{res['steps']} steps x batch {res['batch']}; load average {', '.join(f'{x:.1f}' for x in res['load_average'])}",
-             f"{'engine':14s} {'lr':>7s} {'trainable':>12s} {'update B':>12s} {'step ms':>8s} {'peak MB':>8s} "
+             f"{'engine':14s} {'lr':>7s} {'trainable':>12s} {'update B':>12s} {'step ms':>8s} {'peak MB':>8s} {'+eval':>6s} "
              f"{'exact':>6s} {'ans ppl':>8s} {'dom ppl':>9s}  fits 8 GB ({b[PROFILES[0]]:.0f}) / 4 GB ({b[PROFILES[1]]:.0f})"]
     base = next((r["base"] for r in res["rows"] if "base" in r), None)
     if base:
-        lines.append(f"{'(base)':14s} {'':>7s} {'':>12s} {'':>12s} {'':>8s} {'':>8s} {base['exact_match']:6.3f} "
+        lines.append(f"{'(base)':14s} {'':>7s} {'':>12s} {'':>12s} {'':>8s} {'':>8s} {'':>6s} {base['exact_match']:6.3f} "
                      f"{base['answer_perplexity']:8.2f} {base['domain_perplexity']:9.2f}")
     for r in res["rows"]:
         if "error" in r:
             lines.append(f"{r['engine']:14s} cannot run: {r['error']}")
             continue
         lines.append(f"{r['engine']:14s} {r['lr']:7.0e} {r['trainable']:12,d} {r['update_bytes']:12,d} {r['step_ms']:8.0f} "
-                     f"{r['peak_rss_mb']:8.0f} {r['exact_match']:6.3f} {r['answer_perplexity']:8.2f} "
+                     f"{r['train_peak_rss_mb']:8.0f} {r['peak_rss_mb']:6.0f} {r['exact_match']:6.3f} {r['answer_perplexity']:8.2f} "
                      f"{r['domain_perplexity']:9.2f}  {'yes' if r[f'fits_{PROFILES[0]}'] else 'no'} / "
                      f"{'yes' if r[f'fits_{PROFILES[1]}'] else 'no'}")
     return "\n".join(lines)
