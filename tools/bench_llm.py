@@ -31,7 +31,7 @@ from taskedge.runtime.flags import POSITIVE, Parser, arg_type, at_least
 from .bench_llm_engines import ORT_KINDS, build, make
 
 ENGINES = ("taskedge", "ort-lora-r8", "ort-full", "torch-lora-r8", "torch-full")
-LRS = {"taskedge": 1e-2, "ort-lora-r8": 1e-3, "torch-lora-r8": 1e-3, "ort-full": 5e-5, "torch-full": 5e-5}
+LRS = {"taskedge": 1e-3, "ort-lora-r8": 1e-3, "torch-lora-r8": 1e-3, "ort-full": 5e-5, "torch-full": 5e-5}
 PROFILES = ("jetson-orin-nano-8gb", "jetson-orin-nano-4gb")
 
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CFG = dict(task="reviews", n_train=400, n_test=60, n_domain=60, shots=2, steps=60, batch=4, lr=0.01, budget=0.001,
+CFG = dict(task="reviews", n_train=400, n_test=60, n_domain=60, shots=2, steps=60, batch=4, lr=0.001, budget=0.001,
            calib_batches=2, show=4)
 QUICK = dict(n_train=64, n_test=16, n_domain=8, steps=4, show=2)
 
