@@ -47,8 +47,7 @@ def run_variant(name: str, spec: dict, v: dict) -> dict:
 
     sampler = MemorySampler(interval_ms=5).start()
     rss_import = sampler.peak_mb()
-    train = load_npz(spec["train"])
-    test = load_npz(spec["test"]) if cls.trains else None
+    train = load_npz(spec["train"])         # the test set is read after training: not in the training peak
     prof_steps, timing = int(spec.get("profile_steps") or 0), int(spec.get("timing_steps") or 0)
     prefix = Path(spec["workdir"]) / f"profile-{slug(name)}"
     engine = cls(spec, v, str(prefix) if prof_steps else None)
@@ -81,6 +80,7 @@ def run_variant(name: str, spec: dict, v: dict) -> dict:
     if not cls.trains:
         sampler.stop()
         return result(name, v, spec, times, [], peak, rss_import, 0, 0, None, None)
+    test = load_npz(spec["test"])
     acc = accuracy(engine, Dataset({n: test[n] for n in engine.input_names}, test["labels"], spec["test"]),
                    EVAL_BATCH)
     changed = float(sum(np.abs(engine.get(x) - before[x]).sum() for x in probe))
