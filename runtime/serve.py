@@ -27,7 +27,7 @@ from . import bundle as B
 from .fsutil import UserError
 from .merge import dense_delta
 from .store import TaskStore, verify_own
-from .trainer import TrainState, map_weights, open_session
+from .trainer import READ_IN_PLACE, TrainState, map_weights, open_session
 
 
 @dataclass
@@ -117,7 +117,7 @@ class Runtime:
         inits = [(e.name, ort.OrtValue.ortvalue_from_numpy(buffers.get(e.name, self.weights.get(e.name))), None)
                  for e in shared]
         sess = open_session(folder / B.BASE_MODEL, self.threads, self.providers, initializers=inits,
-                            config={"session.disable_prepacking": "1"})     # open_session: the shared arena
+                            config=READ_IN_PLACE)     # open_session: the shared arena
         self.sessions[task.graph] = (sess, buffers, inits)      # inits keep the OrtValues alive
 
     # -- swapping -----------------------------------------------------------------------------
