@@ -136,6 +136,10 @@ def test_conv_grads():
         full.update(attrs)
         feeds = {"dy": rnd(*y.shape), "x": x, "w": w}
         check(_t("ConvGrad"), feeds, n_out=3, rtol=1e-4, atol=1e-4, **full)
+        if full["group"] == ws[0] and ws[1] == 1:       # depthwise dW: Mul + ReduceSum per offset, no GEMM
+            dense = _model("ConvGrad", MS, feeds, 3, full)
+            lower(dense)
+            assert not [n for n in dense.graph.node if n.op_type == "MatMul"]
         # a constant weight: dX as a plain Conv on the zero-upsampled dy (no dW asked, as in TaskEdge graphs)
         model = _model("ConvGrad", MS, feeds, 1, full, constants=("w",))
         lowered = onnx.ModelProto()
