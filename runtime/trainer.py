@@ -151,6 +151,28 @@ def open_session(path, threads: int = 0, providers: Optional[List[str]] = None,
                         f"{str(e).splitlines()[0][:300]}); re-export the bundle with this taskedge version") from None
 
 
+class ShapeAwareRun:
+    """session.run that hands the arena's free chunks back when the batch shapes keep changing.
+
+    With variable-length batches (causal LMs: each batch padded to its longest record) the arena
+    keeps chunks sized for earlier batches that a later one cannot use, and grows. Shrinking after
+    a run whose shapes differ from the previous run's returns them; a fixed-shape stream never
+    shrinks (it would page the same activations in again every step). Measured, 60 steps, 1 thread:
+    SmolLM2-135M 0.1 % peak 1,341 -> 1,240 MB, CPU per step unchanged (2,745 vs 2,649 ms, load 7-9);
+    shrinking every step of MobileNetV2's fixed-shape step cost +25 % CPU (76 -> 96 ms)."""
+
+    def __init__(self, session):
+        self.session, self._last = session, None
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    def __call__(self, feeds: Dict[str, np.ndarray]) -> list:
+        shapes = tuple(a.shape for a in feeds.values())
+        changed = self._last is not None and shapes != self._last
+        self._last = shapes
+        return self.session.run(None, feeds, self._shrink if changed else None)
+
+
 class Trainer:
     """Step and eval sessions over one bundle, gradients accumulated over micro-batches, AdamW."""
 
@@ -166,6 +188,7 @@ class Trainer:
         self.weights = shared_weights(self.dir, manifest)          # kept alive as long as the sessions
         self.session = open_session(self.dir / B.STEP_MODEL, threads, self.providers, profile_prefix, self.weights,
                                     READ_IN_PLACE)
+        self._run_step = ShapeAwareRun(self.session)
         self._eval: Optional[ort.InferenceSession] = None
         self.lr = 0.0
         self.reset_grad()
@@ -192,7 +215,7 @@ class Trainer:
     def train_step(self, batch: Sequence[np.ndarray]) -> Tuple[float, np.ndarray]:
         """Forward + backward on one micro-batch; its gradients are added to the accumulator,
         weighted by its size (so the update uses the mean gradient of the effective batch)."""
-        out = self.session.run(None, self._feeds(batch))
+        out = self._run_step(self._feeds(batch))
         n = len(batch[-1])
         for name, g in self._state_grads(out[2:]).items():
             self._grad_sum[name] += np.float32(n) * g
@@ -214,9 +237,9 @@ class Trainer:
 
     def eval_step(self, batch: Sequence[np.ndarray]) -> Tuple[float, np.ndarray]:
         if self._eval is None:
-            self._eval = open_session(self.dir / B.EVAL_MODEL, self.threads, self.providers,
-                                      initializers=self.weights, config=READ_IN_PLACE)
-        loss, logits = self._eval.run(None, self._feeds(batch))[:2]
+            self._eval = ShapeAwareRun(open_session(self.dir / B.EVAL_MODEL, self.threads, self.providers,
+                                                    initializers=self.weights, config=READ_IN_PLACE))
+        loss, logits = self._eval(self._feeds(batch))[:2]
         return float(loss), logits
 
     def close_eval(self) -> None:

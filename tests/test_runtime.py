@@ -199,3 +199,23 @@ def test_resume_refuses_other_data_and_notes_a_longer_schedule(tmp_path, mlp_bun
                 "--steps", "50", "--resume", "--json")          # extending the run is allowed, and said
     assert r.returncode == 0, r.stderr
     assert "--steps: 40 then, 50 now" in r.stderr and json.loads(r.stdout)["steps"] == 50
+
+
+def test_shape_aware_run_shrinks_only_when_shapes_change_and_keeps_outputs(tmp_path):
+    """Variable-length batches return the arena's chunks after the run (runtime/trainer.py
+    ShapeAwareRun); the outputs stay those of a plain run, at every shape."""
+    from onnx import TensorProto, helper
+    from taskedge.runtime.trainer import ShapeAwareRun, open_session
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t"])
+    g = helper.make_graph([helper.make_node("Mul", ["x", "x"], ["y"])], "sq", [x], [y])
+    path = tmp_path / "sq.onnx"
+    path.write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString())
+    run = ShapeAwareRun(open_session(path, threads=1))
+    seen = []
+    real = run.session.run
+    run.session = type("S", (), {"run": lambda self, o, f, opts=None: seen.append(opts is not None) or real(o, f, opts)})()
+    for t in (5, 5, 7, 3, 3):
+        a = np.random.default_rng(t).standard_normal((2, t)).astype(np.float32)
+        np.testing.assert_array_equal(run({"x": a})[0], a * a)
+    assert seen == [False, False, True, True, False]
