@@ -1,9 +1,11 @@
 """One CNN-bench variant in its own fresh process (`python -m taskedge.tools.bench --cnn-worker
 job.json`): for each learning rate of its sweep, a fresh start from the same state, the same
 steps on the runtime's data order and schedule (runtime.adapt.batch_indices / lr_at, constant after
-warm-up), then val and test accuracy. The rate with the best val accuracy is the variant's; its
-run gives the step time. Peak memory = max RSS of this process over the whole sweep (every run
-holds the same tensors). Prints one JSON line.
+warm-up), then val and test accuracy at the training batch. The rate with the best val accuracy
+is the variant's; its run gives the step time. Peak memory = max RSS of this process while it
+trains, over the whole sweep (every run holds the same tensors); evaluation is measured apart
+(at batch 100 it had set every row's peak: O-Net TaskEdge 139 MB training, 217 MB after val).
+Prints one JSON line.
 
 Engines: `peer` = a cnn_peers folder (step.onnx on plain onnxruntime, numpy AdamW with the head at
 its own rate, or GaLore), `torch` = cnn_torch.py (the only engine that imports torch), `bundle` = a TaskEdge bundle run by the runtime's Trainer exactly as
@@ -134,13 +136,19 @@ def run_job(job: dict) -> dict:
     from taskedge.runtime.telemetry import MemorySampler
     sampler = MemorySampler(interval_ms=5).start()
     data = {k: load_npz(job[k]) for k in ("train", "val", "test")}
-    sweep, best, flops = [], None, None
+    sweep, best, flops, peak = [], None, None, 0.0
     for lr in job["lrs"]:
+        sampler.reset()
+        t0 = time.perf_counter()
         engine, times, losses = train(job, lr, data["train"])
-        finite = bool(np.isfinite(losses).all())
-        row = {"lr": lr, "val": accuracy(engine, data["val"]) if finite else 0.0,
-               "test": accuracy(engine, data["test"]) if finite else 0.0, "loss_last5": float(np.mean(losses[-5:])),
-               "step_ms": round(1000 * statistics.median(times[job["skip"]:]), 2)}
+        t1, train_peak = time.perf_counter(), sampler.peak_mb()
+        finite, size = bool(np.isfinite(losses).all()), job["batch"]
+        row = {"lr": lr, "val": accuracy(engine, data["val"], size) if finite else 0.0,
+               "test": accuracy(engine, data["test"], size) if finite else 0.0,
+               "loss_last5": float(np.mean(losses[-5:])), "step_ms": round(1000 * statistics.median(times[job["skip"]:]), 2),
+               "train_s": round(t1 - t0, 2), "eval_s": round(time.perf_counter() - t1, 2),
+               "train_peak_mb": round(train_peak, 1), "eval_peak_mb": round(sampler.peak_mb(), 1)}
+        peak = max(peak, train_peak)
         sweep.append(row)
         if best is None or row["val"] > best[0]["val"]:
             upd = Path(job["workdir"]) / f"update-{job['name']}.npz"
@@ -150,7 +158,6 @@ def run_job(job: dict) -> dict:
                 flops = engine.flops([data["train"][k][:job["batch"]] for k in ("pixels", "labels")])
         del engine
         gc.collect()
-    peak = sampler.peak_mb()
     sampler.stop()
     row, update_bytes, trainable = best
     if job["engine"] == "bundle":            # the allocation ships with the delta

@@ -51,6 +51,15 @@ def table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def timing(run: dict) -> str:
+    cells = []
+    for n, r in run["variants"].items():
+        t = r.get("time", {})
+        extra = f" (+{t['build_s'] + t['count_s']:.0f})" if "build_s" in t else ""
+        cells.append(f"{n} {t.get('worker_wall_s', 0):.0f} / {t.get('worker_cpu_s', 0):.0f}{extra}")
+    return ", ".join(cells)
+
+
 def sweeps(run: dict) -> str:
     out = []
     for n, r in run["variants"].items():
@@ -67,18 +76,21 @@ def format_md(rep: dict) -> str:
            f"{rep['batch']} per learning rate (constant after {rep['warmup']} warm-up steps; step time = median "
            f"after the first {rep['skip']}), {rep['threads']} threads, CPU. Every variant ran in its own fresh "
            f"process on plain onnxruntime: peers as step graphs built like a bundle's (cnn_peers.py), TaskEdge "
-           f"as its bundle under the runtime's Trainer. Peak MB = max RSS of that process over its whole sweep "
-           f"(psutil, 5 ms). Learning rate: the best val accuracy of the grid (below); accuracy = test. Peers' "
+           f"as its bundle under the runtime's Trainer. Peak MB = max RSS of that process while it trains, over "
+           f"its whole sweep (psutil, 5 ms; val and test run after each rate at the training batch and are "
+           f"not counted). Learning rate: the best val accuracy of the grid (below); accuracy = test. Peers' "
            f"new/fitted head trains at {rep['head_lr']:g}; TaskEdge uses one rate for delta and head (as "
            f"`taskedge adapt`). FLOPs: Conv/ConvTranspose/MatMul/Gemm nodes of the step graph, 2 per "
            f"multiply-accumulate, forward + backward + loss at this batch (x fwd = over the forward graph); "
            f"GaLore adds its projections. Load average {rep['loadavg'][0]} -> {rep['loadavg'][1]} on "
-           f"{rep['cpus']} shared cores; wall {rep['wall_seconds']:.0f} s.", ""]
+           f"{rep['cpus']} shared cores; wall {rep['wall_seconds']:.0f} s, workers' CPU "
+           f"{rep.get('worker_cpu_seconds', 0):.0f} s (torch's OpenMP passive, numpy's BLAS on one thread).", ""]
     for run in rep["runs"]:
         out += [f"## {run['title']}: {run['scenario']}", "",
                 f"{run['classes']} classes, {run['head']}; train {run['n_train']} / val {run['n_val']} / "
                 f"test {run['n_test']}. TaskEdge (default budget): {taskedge_gap(run['variants'])}.", "",
                 table(run), ""]
+        out += ["Time, worker wall / CPU s (build + FLOP count s): " + timing(run), ""]
         out += [f"Failed: `{n}` ({why})" for n, why in run.get("failed", {}).items()]
         out += ["", "Sweeps (lr: val / test accuracy):", "", sweeps(run), ""]
     return "\n".join(out)

@@ -40,6 +40,12 @@ CNN_VARIANTS = {
 }
 QUICK_VARIANTS = ["probe", "full", "lora-r4", "dora-r4", "galore-r4", "taskedge"]
 HEAD_LR = 1e-2
+# each worker's threads. OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads sleep at barriers instead of
+# spinning (O-Net's torch full-FT step at load 8 on 2 cores: 73-74 ms vs 192-1121 ms spinning);
+# OPENBLAS_NUM_THREADS=1: numpy's BLAS (GaLore's SVDs and projections) on one thread (MobileNetV2's
+# 52 SVDs at load 9: 0.35 s vs 34-46 s on two). onnxruntime's pool is set by `threads`.
+WORKER_ENV = {"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS), "OMP_WAIT_POLICY": "PASSIVE",
+              "OPENBLAS_NUM_THREADS": "1"}
 FULL = dict(steps=40, batch=16, warmup=5, skip=3, models=["mobilenet_v2", "onet"], limit=None)
 QUICK = dict(steps=8, batch=16, warmup=2, skip=2, models=["onet"], limit=64)
 
@@ -84,12 +90,26 @@ def _count(step: Path, evl: Path, state: Path, batch: dict) -> dict:
 
 
 def _worker(job_path: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    """Run one variant's worker; its JSON line plus its wall and CPU seconds (startup included)."""
+    env = {**os.environ, **WORKER_ENV}
+    t, c = time.perf_counter(), _children_cpu()
     r = subprocess.run([sys.executable, "-m", __package__, "--cnn-worker", str(job_path)], stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True, timeout=3600, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"cnn worker {job_path.stem} failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["time"] = {"worker_wall_s": round(time.perf_counter() - t, 1), "worker_cpu_s": round(_children_cpu() - c, 1)}
+    return out
+
+
+def _children_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def run_scenario(model: str, scenario: str, cfg: dict, variants: list, work: Path, seed: int, log,
@@ -126,11 +146,13 @@ def run_scenario(model: str, scenario: str, cfg: dict, variants: list, work: Pat
         if engine == "torch":           # the rate its step-graph twin picked (else that grid's middle)
             twin = lrs
             lrs = [rows[twin]["lr"]] if twin in rows else [CNN_VARIANTS[twin][3][1]]
-            flops = None
+            flops, spent = None, {}
         else:
             info, step, evl, state = _artifacts(name, w / "base.onnx", base, classes, seed, w / name, head_init,
                                                 w / "train.npz")
+            built = time.perf_counter()
             flops = _count(step, evl, state, batch)
+            spent = {"build_s": round(built - t, 1), "count_s": round(time.perf_counter() - built, 1)}
             if family == "galore":      # the optimizer's projections (down and up), per step
                 flops["optimizer"] = _galore_flops(state, param, info["head"])
                 flops["step"] += flops["optimizer"]
@@ -153,10 +175,12 @@ def run_scenario(model: str, scenario: str, cfg: dict, variants: list, work: Pat
             if family == "galore" and "optimizer" in rows.get(twin, {}).get("flops", {}):
                 flops["optimizer"] = rows[twin]["flops"]["optimizer"]      # the same matrices, the same code
                 flops["step"] += flops["optimizer"]
+        r["time"].update(spent)
         rows[name] = {**r, "engine": engine, "family": family, "param": param, "flops": flops}
         on_row(_run_record(model, scenario, classes, head_note, data, rows, failed))
         log(f"{model}/{scenario}/{name}: acc {r['accuracy']:.3f} (lr {r['lr']:g}), {r['step_ms']:.0f} ms/step, "
-            f"peak {r['peak_rss_mb']:.0f} MB, {flops['step'] / 1e9:.2f} GFLOP/step ({time.perf_counter() - t:.0f}s)")
+            f"peak {r['peak_rss_mb']:.0f} MB, {flops['step'] / 1e9:.2f} GFLOP/step ({time.perf_counter() - t:.0f} s, worker "
+            f"CPU {r['time']['worker_cpu_s']:.0f} s)")
     return _run_record(model, scenario, classes, head_note, data, rows, failed)
 
 
@@ -187,7 +211,7 @@ def run_scenarios(scenarios, quick: bool = False, steps: int = None, seed: int =
     variants = list(variants or (QUICK_VARIANTS if quick else CNN_VARIANTS))
     if "torch-taskedge" in variants and "taskedge" not in variants:
         variants.insert(0, "taskedge")          # its allocation comes from the bundle
-    t0 = time.perf_counter()
+    t0, cpu0, own0 = time.perf_counter(), _children_cpu(), _own_cpu()
     load0 = round(os.getloadavg()[0], 2)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="taskedge-cnn-bench-"))
     try:
@@ -198,7 +222,8 @@ def run_scenarios(scenarios, quick: bool = False, steps: int = None, seed: int =
                    "warmup": cfg["warmup"], "skip": cfg["skip"], "threads": THREADS, "head_lr": HEAD_LR,
                    "grids": {k: v[3] for k, v in CNN_VARIANTS.items() if k in variants}, "runs": runs,
                    "loadavg": [load0, round(os.getloadavg()[0], 2)], "cpus": os.cpu_count(),
-                   "wall_seconds": round(time.perf_counter() - t0, 1)}
+                   "wall_seconds": round(time.perf_counter() - t0, 1),
+                   "worker_cpu_seconds": round(_children_cpu() - cpu0, 1), "main_cpu_seconds": round(_own_cpu() - own0, 1)}
             if out:             # rewritten after every variant: a long run can be read while it goes
                 R.write(rep, out, log if not partial else (lambda m: None))
             return rep
