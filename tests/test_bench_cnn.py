@@ -117,6 +117,12 @@ def test_galore_update_has_the_projection_rank():
     assert opt.state_values() == 2 * (2 * 27) + 16 * 2 + 2 * 16 and np.all(p["b"] < 0)
 
 
+def test_sweep_extends_past_the_edge_its_best_rate_sits_on():
+    from taskedge.tools.bench.cnn_worker import beyond_edge
+    assert beyond_edge([3e-3, 1e-2, 3e-2], 3e-2) == 0.1 and beyond_edge([1e-4, 3e-4, 1e-3], 1e-4) == 3e-5
+    assert beyond_edge([3e-3, 1e-2, 3e-2], 1e-2) is None
+
+
 def test_pareto_front_and_the_taskedge_gap():
     from taskedge.tools.bench.scenario_report import pareto, taskedge_gap
     rows = {"a": {"accuracy": 0.9, "peak_rss_mb": 300}, "b": {"accuracy": 0.8, "peak_rss_mb": 200},

@@ -133,23 +133,43 @@ def train(job: dict, lr: float, train_set: dict):
     return engine, times, losses
 
 
+LADDER = sorted(float(f"{a}e{k}") for k in range(-7, 1) for a in (1, 3))       # 1e-7, 3e-7, ..., 1, 3
+
+
+def beyond_edge(grid, best: float):
+    """The next rate of the 1-3-10 ladder past the grid's edge when the best rate sits on it (the
+    sweep is extended once, so a grid that starts too low or too high does not decide), else None."""
+    i = min(range(len(LADDER)), key=lambda j: abs(np.log(LADDER[j] / best)))
+    if best == max(grid) and i + 1 < len(LADDER):
+        return LADDER[i + 1]
+    if best == min(grid) and i > 0:
+        return LADDER[i - 1]
+    return None
+
+
+def _sweep_point(job: dict, lr: float, data: dict, sampler):
+    """Train a fresh engine at `lr`; (engine, its sweep record: val/test accuracy, step time, peaks)."""
+    sampler.reset()
+    t0 = time.perf_counter()
+    engine, times, losses = train(job, lr, data["train"])
+    t1, train_peak = time.perf_counter(), sampler.peak_mb()
+    finite, size = bool(np.isfinite(losses).all()), job["batch"]
+    row = {"lr": lr, "val": accuracy(engine, data["val"], size) if finite else 0.0,
+           "test": accuracy(engine, data["test"], size) if finite else 0.0,
+           "loss_last5": float(np.mean(losses[-5:])), "step_ms": round(1000 * statistics.median(times[job["skip"]:]), 2),
+           "train_s": round(t1 - t0, 2), "eval_s": round(time.perf_counter() - t1, 2),
+           "train_peak_mb": round(train_peak, 1), "eval_peak_mb": round(sampler.peak_mb(), 1)}
+    return engine, row
+
+
 def run_job(job: dict) -> dict:
     import taskedge.runtime.ort  # noqa: F401  (onnxruntime without the torch probe)
     from taskedge.runtime.telemetry import MemorySampler
     sampler = MemorySampler(interval_ms=5).start()
     data = {k: load_npz(job[k]) for k in ("train", "val", "test")}
-    sweep, best, flops = [], None, None
-    for lr in job["lrs"]:
-        sampler.reset()
-        t0 = time.perf_counter()
-        engine, times, losses = train(job, lr, data["train"])
-        t1, train_peak = time.perf_counter(), sampler.peak_mb()
-        finite, size = bool(np.isfinite(losses).all()), job["batch"]
-        row = {"lr": lr, "val": accuracy(engine, data["val"], size) if finite else 0.0,
-               "test": accuracy(engine, data["test"], size) if finite else 0.0,
-               "loss_last5": float(np.mean(losses[-5:])), "step_ms": round(1000 * statistics.median(times[job["skip"]:]), 2),
-               "train_s": round(t1 - t0, 2), "eval_s": round(time.perf_counter() - t1, 2),
-               "train_peak_mb": round(train_peak, 1), "eval_peak_mb": round(sampler.peak_mb(), 1)}
+    sweep, best, flops, lrs = [], None, None, list(job["lrs"])
+    for lr in lrs:              # grows by one rate when the grid's best is at its edge (beyond_edge)
+        engine, row = _sweep_point(job, lr, data, sampler)
         sweep.append(row)
         if best is None or row["val"] > best[0]["val"]:
             upd = Path(job["workdir"]) / f"update-{job['name']}.npz"
@@ -159,6 +179,8 @@ def run_job(job: dict) -> dict:
                 flops = engine.flops([data["train"][k][:job["batch"]] for k in ("pixels", "labels")])
         del engine
         gc.collect()
+        if len(sweep) == len(job["lrs"]) > 1 and beyond_edge(job["lrs"], best[0]["lr"]):
+            lrs.append(beyond_edge(job["lrs"], best[0]["lr"]))
     sampler.stop()
     row, update_bytes, trainable = best
     if job["engine"] == "bundle":            # the allocation ships with the delta

@@ -78,7 +78,7 @@ def format_md(rep: dict) -> str:
            f"process on plain onnxruntime: peers as step graphs built like a bundle's (cnn_peers.py), TaskEdge "
            f"as its bundle under the runtime's Trainer. Peak MB = max RSS of that fresh process while it trains "
            f"at the first rate of its sweep (psutil, 5 ms; every rate holds the same tensors; val and test run "
-           f"after training at the training batch and are not counted). Learning rate: the best val accuracy of the grid (below); accuracy = test. Peers' "
+           f"after training at the training batch and are not counted). Learning rate: the best val accuracy of the grid (below; extended once by the next 1-3-10 rate when the best sits on its edge); accuracy = test. Peers' "
            f"new/fitted head trains at {rep['head_lr']:g}; TaskEdge uses one rate for delta and head (as "
            f"`taskedge adapt`). FLOPs: Conv/ConvTranspose/MatMul/Gemm nodes of the step graph, 2 per "
            f"multiply-accumulate, forward + backward + loss at this batch (x fwd = over the forward graph); "
