@@ -182,3 +182,16 @@ def test_torch_adapters_follow_the_step_graph_formulas():
     torch.testing.assert_close(dora.weight, w)
     assert sorted(n for n, p in dora.named_parameters() if p.requires_grad) == \
         ["parametrizations.weight.0.A", "parametrizations.weight.0.B", "parametrizations.weight.0.m"]
+
+
+def test_torch_flop_count_divides_a_grouped_conv_weight_gradient_by_its_groups():
+    """cnn_torch._conv_backward: dW of a depthwise conv counted once per group, as flops.py counts it."""
+    import torch
+    from torch import nn
+    from torch.utils.flop_counter import FlopCounterMode
+    from taskedge.tools.bench.cnn_torch import _conv_backward
+    for groups in (1, 8):
+        conv = nn.Conv2d(8, 8, 3, padding=1, groups=groups, bias=False)
+        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward}) as c:
+            conv(torch.randn(2, 8, 6, 6)).sum().backward()
+        assert c.get_total_flops() == 2 * (2 * 2 * 8 * 36 * (8 // groups) * 9)      # forward + dW, x needs no grad
