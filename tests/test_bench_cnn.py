@@ -195,3 +195,18 @@ def test_torch_flop_count_divides_a_grouped_conv_weight_gradient_by_its_groups()
         with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward}) as c:
             conv(torch.randn(2, 8, 6, 6)).sum().backward()
         assert c.get_total_flops() == 2 * (2 * 2 * 8 * 36 * (8 // groups) * 9)      # forward + dW, x needs no grad
+
+
+def test_torch_rows_fold_batch_norm_as_the_export_does():
+    import torch
+    from torch import nn
+    from taskedge.tools.bench.cnn_torch import fold_batch_norm
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6()).eval()
+    body[1].running_var.uniform_(0.01, 0.1)
+    body[1].running_mean.normal_()
+    x = torch.randn(2, 3, 6, 6)
+    want = body(x).detach()
+    fold_batch_norm(body)
+    assert isinstance(body[1], nn.Identity)
+    torch.testing.assert_close(body(x), want, rtol=1e-4, atol=1e-5)
