@@ -26,6 +26,9 @@ class ExportConfig:
     batch_size: int = flag(32, "calibration batch size", check=at_least(1))
     budget: float = flag(0.001, "share of the model's weights to train (0.001 = 0.1 %; below one input per "
                                 "neuron, that share of every layer's neurons trains one input each)", check=FRACTION)
+    min_entries: int = flag(1024, "a budget below one input per neuron is raised to it, up to this many entries "
+                                  "(small models: 0.1 % of 12k weights is 12 entries; 0 keeps the share as given)",
+                            check=at_least(0))
     selection: str = flag("taskedge", "how each neuron's inputs are ranked: taskedge |W|*||X||, magnitude |W|, "
                                       "activation ||X||, random, or gradient (GPS: sum |dL/dW| on the calibration "
                                       "data, which needs its labels)",

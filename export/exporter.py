@@ -180,8 +180,13 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         raise UserError(_no_ops_message(model, candidates, cfg, head_params | frozen))
 
     budget = imp.budget_entries(cfg.budget, num_weights)
-    k = imp.per_row_k(budget, [op.rows for op in ops])
     rows_total = sum(op.rows for op in ops)
+    floor = imp.floored(budget, rows_total, cfg.min_entries) if ops and not cfg.lora_rank and union is None else budget
+    if floor > budget:
+        log(f"budget {cfg.budget} of {num_weights} weights = {budget} entries, raised to {floor} "
+            f"({100 * floor / num_weights:.2g} %): one input per neuron, at most --min-entries {cfg.min_entries}")
+        budget = floor
+    k = imp.per_row_k(budget, [op.rows for op in ops])
     # below one entry per neuron: the same share of neurons in every layer trains its best input
     share = budget / rows_total if ops and not cfg.lora_rank and rows_total > budget and union is None else None
     if share is not None and budget < len(ops):
@@ -242,7 +247,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         num_weights=num_weights,
         method={"name": "taskedge", "budget": cfg.budget, "k": int(k) if ops else 0,
                 "nm": list(nm) if nm else None, "selection": cfg.selection, "lora_rank": cfg.lora_rank, "head_only": cfg.head_only,
-                "neuron_share": share,
+                "neuron_share": share, "entries": budget, "min_entries": cfg.min_entries,
                 "include": cfg.include, "exclude": cfg.exclude, "lr": cfg.lr, "seed": cfg.seed,
                 **({"union_of": union_info} if union_info else {}),
                 "calibration": {"source": str(cfg.calib) if cfg.calib else "example",

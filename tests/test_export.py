@@ -293,10 +293,23 @@ def test_sparse_backward_drops_the_dense_weight_gradient(tmp_path):
         assert f"{w}.taskedge_sb_grad_used" in names
 
 
+def test_a_small_model_trains_one_input_per_neuron_at_least(tmp_path, mlp_onnx, mlp_data):
+    """0.1 % of the MLP's 5,248 weights is 5 entries: raised to one input in each of its 128 neurons;
+    --min-entries 32 raises it to 32 entries only (a quarter of each layer's neurons, the best ones)."""
+    for floor, want in ((None, [64, 64]), (32, [16, 16])):
+        r = run_cli("export", mlp_onnx, "--out", tmp_path / f"out{floor}", "--calib", mlp_data / "train.npz",
+                    "--num-classes", "3", *(["--min-entries", floor] if floor else []), "--json")
+        assert r.returncode == 0, r.stderr
+        assert f"0.001 of 5248 weights = 5 entries, raised to {sum(want)}" in r.stderr, r.stderr
+        info = json.loads(r.stdout)
+        assert [l["trainable"] for l in info["layers"]] == want
+
+
 def test_budget_below_one_entry_per_layer_still_trains_each_layer(tmp_path, mlp_onnx, mlp_data):
-    """0.0001 of 5,248 weights is 0 entries: each layer's best neuron trains its best input, with a warning."""
+    """0.0001 of 5,248 weights is 0 entries: each layer's best neuron trains its best input, with a warning
+    (--min-entries 0: the share as given, not raised to one input per neuron)."""
     r = run_cli("export", mlp_onnx, "--out", tmp_path / "out", "--calib", mlp_data / "train.npz", "--num-classes", "3",
-                "--budget", "0.0001", "--json")
+                "--budget", "0.0001", "--min-entries", "0", "--json")
     assert r.returncode == 0, r.stderr
     assert "warning: budget 0.0001" in r.stderr and "each layer still trains" in r.stderr
     info = json.loads(r.stdout)

@@ -60,12 +60,16 @@ def test_adapt_without_lr_runs_the_trials_and_resume_keeps_the_pick(tmp_path, ml
                                budget=0.05, num_classes=3), log=lambda m: None)      # no --lr stored
     r = run_cli("adapt", tmp_path / "b", "--data", mlp_data / "train.npz", "--steps", 6, "--quiet", "--json")
     assert r.returncode == 0, r.stderr
-    lr = json.loads(r.stdout)["lr"]
+    rep = json.loads(r.stdout)
+    lr = rep["lr"]
+    # the new head starts at zero: every logit 0, so the first step's loss is ln 3 whatever the deltas
+    assert rep["trainable"]["head_start"] == "zero" and abs(rep["loss"]["first"] - np.log(3)) < 1e-5
     assert lr["chosen_by"] == "trial" and lr["peak"] in lr_range.CANDIDATES and lr["trial_steps"] == 12
     tried = [t["lr"] for t in lr["trials"]]
     assert tried[:3] == [None, lr_range.CANDIDATES[lr_range.START], lr_range.CANDIDATES[lr_range.START + 1]]
     best = min(lr["trials"][1:], key=lambda t: t["held_out_loss"])
     assert best["lr"] == lr["peak"]
     r = run_cli("adapt", tmp_path / "b", "--resume", "--steps", 8, "--quiet", "--json")
-    again = json.loads(r.stdout)["lr"]
-    assert r.returncode == 0 and again == {"peak": lr["peak"], "chosen_by": "the interrupted run"}
+    again = json.loads(r.stdout)
+    assert r.returncode == 0 and again["lr"] == {"peak": lr["peak"], "chosen_by": "the interrupted run"}
+    assert again["trainable"]["head_start"] == "checkpoint"

@@ -35,7 +35,7 @@ def _reference_outputs(ref, feeds, params):
 
 
 @pytest.mark.parametrize("model,extra", [("cnn", {}), ("cnn", {"dense_backward": True}),
-                                         ("strided", {}), ("strided", {"budget": 0.05}),
+                                         ("strided", {}), ("strided", {"budget": 0.05, "min_entries": 0}),
                                          ("mlp", {"lora_rank": 2}), ("mlp", {"formulation": {"Gemm": "gather"}})])
 def test_step_graph_matches_ort_training_graph(tmp_path, cnn_onnx, mlp_onnx, model, extra):
     """The lowered standard-ONNX step graph gives ORT-training's loss and gradients (conv, depthwise,

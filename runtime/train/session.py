@@ -69,6 +69,7 @@ class Session:
         self.stop_message: Optional[str] = None
         self.saved_at: Optional[int] = None      # step of the newest checkpoint this run wrote
         self.lr_choice: Optional[dict] = None    # how the learning rate was chosen (no --lr: trials)
+        self.head_start: Optional[str] = "checkpoint"    # where the new head started (TrainState.fresh)
 
     # -- the run -----------------------------------------------------------------
     def run(self) -> dict:
@@ -206,8 +207,10 @@ class Session:
             state = TrainState.from_file(ckpt_path, mix.names if mix else self.manifest.trainable_names)
         elif self.opts.initial is not None:                  # --init: a start carried over from a stored task
             state = TrainState({k: np.array(v, dtype=np.float32) for k, v in self.opts.initial.items()})
+            self.head_start = "--init"
         else:
-            state = TrainState.initial(self.dir, self.manifest)
+            state = TrainState.fresh(self.dir, self.manifest)     # a new head starts at zero
+            self.head_start = "zero" if self.manifest.head else None
         if self.trainer is None:
             make = Trainer if mix is None else functools.partial(GatedTrainer, mix=mix)
             self.trainer = make(self.dir, self.manifest, state, device=self.opts.device, threads=self.opts.threads,
