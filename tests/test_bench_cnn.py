@@ -105,6 +105,18 @@ def test_flops_follow_the_conv_formula():
     assert f["Conv"] == 2 * 2 * 8 * 8 * 8 * (3 * 9) + 2 * 2 * 8 * 8 * 8 * 9 and f["total"] == f["Conv"]
 
 
+def test_flops_count_a_mul_read_only_by_reduce_sums():
+    from taskedge.tools.bench.flops import graph_flops
+    nodes = [helper.make_node("Mul", ["a", "b"], ["ab"]), helper.make_node("ReduceSum", ["ab"], ["s"], keepdims=0),
+             helper.make_node("Mul", ["a", "b"], ["ab2"]), helper.make_node("Relu", ["ab2"], ["r"])]
+    vi = lambda n, s: helper.make_tensor_value_info(n, TensorProto.FLOAT, s)       # noqa: E731
+    g = helper.make_graph(nodes, "m", [vi("a", [4, 6]), vi("b", [4, 6])], [vi("s", []), vi("r", [4, 6])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    f = graph_flops(m, {"a": np.ones((4, 6), np.float32), "b": np.ones((4, 6), np.float32)})
+    assert f == {"Mul": 2 * 24, "total": 2 * 24}
+
+
 def test_galore_update_has_the_projection_rank():
     from taskedge.tools.bench.galore import GaLoreAdamW
     rng = np.random.default_rng(0)
