@@ -179,7 +179,7 @@ def run_job(job: dict) -> dict:
                 flops = engine.flops([data["train"][k][:job["batch"]] for k in ("pixels", "labels")])
         del engine
         gc.collect()
-        if len(sweep) == len(job["lrs"]) > 1 and beyond_edge(job["lrs"], best[0]["lr"]):
+        if len(sweep) == len(job["lrs"]) > 2 and beyond_edge(job["lrs"], best[0]["lr"]):
             lrs.append(beyond_edge(job["lrs"], best[0]["lr"]))
     sampler.stop()
     row, update_bytes, trainable = best

@@ -23,9 +23,12 @@ from .variants import THREADS
 CNN_VARIANTS = {
     "probe": ("peer", "probe", 0, [3e-3, 1e-2, 3e-2]),
     "full": ("peer", "full", 0, [1e-4, 3e-4, 1e-3]),
-    "lora-r1": ("peer", "lora", 1, [1e-3, 3e-3, 1e-2]),
+    # the rank rows: two rates where the full grid's run of 2026-11-25 put them (LoRA's scale is 2 at every
+    # rank; r1 took 3e-3-1e-2, r16 1e-3-3e-3), not extended; three-rate grids extend past an edge best
+    # (cnn_worker.beyond_edge)
+    "lora-r1": ("peer", "lora", 1, [3e-3, 1e-2]),
     "lora-r4": ("peer", "lora", 4, [1e-3, 3e-3, 1e-2]),
-    "lora-r16": ("peer", "lora", 16, [1e-3, 3e-3, 1e-2]),
+    "lora-r16": ("peer", "lora", 16, [1e-3, 3e-3]),
     "dora-r4": ("peer", "dora", 4, [1e-3, 3e-3, 1e-2]),
     "galore-r4": ("peer", "galore", 4, [1e-3, 3e-3, 1e-2]),
     "taskedge": ("bundle", "taskedge", None, [3e-3, 1e-2, 3e-2]),      # the exporter's default budget
