@@ -22,6 +22,14 @@ def _sum_to_shape_of(e: Emitter, t: str, like: str, out: str) -> str:
     return reduce_axes(e, "ReduceSum", flat, [0], keepdims=0, out=out)
 
 
+def _after_dy(e: Emitter, x: str, dy: str) -> str:
+    """`x` as read by a backward formula, tied after the incoming gradient: what the formula
+    computes from forward tensors alone (GELU's derivative, a norm's x-hat) would otherwise be run
+    by onnxruntime in the forward pass and kept until the backward reaches it, a second
+    activation-sized tensor per layer (SmolLM2's SiLU derivative: 66 MB at batch 4 x 94)."""
+    return e.tie_after(x, dy, "_x_after_dy")
+
+
 def _norm_axes(node: onnx.NodeProto, x: str, ctx: Context) -> List[int]:
     axis = int(node_attr(node, "axis", -1))
     if axis < 0:
@@ -43,6 +51,7 @@ def _layer_norm_grad(e, node, ctx):
     simplified = node.op_type.startswith("Simplified")
     dy, x, scale = node.input[0], node.input[1], node.input[2]
     axes = _norm_axes(node, x, ctx)
+    x = _after_dy(e, x, dy)
     if simplified:                      # (dy, x, scale, inv_std)
         inv = node.input[3]
         xh = e("Mul", [x, inv])
@@ -69,17 +78,18 @@ def _gelu_grad(e: Emitter, dy: str, x: str, out: str) -> None:
 
 @lowering("GeluGrad")
 def _gelu(e, node, ctx):
-    _gelu_grad(e, node.input[0], node.input[1], node.output[0])
+    _gelu_grad(e, node.input[0], _after_dy(e, node.input[1], node.input[0]), node.output[0])
 
 
 @lowering("BiasGeluGrad_dX")
 def _bias_gelu(e, node, ctx):
-    _gelu_grad(e, node.input[0], e("Add", [node.input[1], node.input[2]]), node.output[0])
+    dy = node.input[0]
+    _gelu_grad(e, dy, e("Add", [_after_dy(e, node.input[1], dy), node.input[2]]), node.output[0])
 
 
 @lowering("FastGeluGrad", "BiasFastGeluGrad_dX")
 def _fast_gelu(e, node, ctx):
-    dy, x = node.input[0], node.input[1]
+    dy, x = node.input[0], _after_dy(e, node.input[1], node.input[0])
     if opt_in(node, 2):
         x = e("Add", [x, node.input[2]])
     c, a = math.sqrt(2 / math.pi), 0.044715
@@ -94,7 +104,7 @@ def _fast_gelu(e, node, ctx):
 
 @lowering("QuickGeluGrad")
 def _quick_gelu(e, node, ctx):
-    dy, x = node.input[0], node.input[1]
+    dy, x = node.input[0], _after_dy(e, node.input[1], node.input[0])
     alpha = float(node_attr(node, "alpha", 1.702))
     ax = e("Mul", [x, f32(e, alpha)])
     s = e("Sigmoid", [ax])
@@ -165,19 +175,19 @@ def _sce_grad(e, node, ctx):
 
 @lowering("ReluGrad")
 def _relu(e, node, ctx):
-    dy, y = node.input[0], node.input[1]
+    dy, y = node.input[0], _after_dy(e, node.input[1], node.input[0])
     e("Where", [e("Greater", [y, f32(e, 0.0)]), dy, f32(e, 0.0)], node.output[0])
 
 
 @lowering("SigmoidGrad")
 def _sigmoid(e, node, ctx):
-    dy, y = node.input[0], node.input[1]
+    dy, y = node.input[0], _after_dy(e, node.input[1], node.input[0])
     e("Mul", [dy, e("Mul", [y, e("Sub", [f32(e, 1.0), y])])], node.output[0])
 
 
 @lowering("TanhGrad")
 def _tanh(e, node, ctx):
-    dy, y = node.input[0], node.input[1]
+    dy, y = node.input[0], _after_dy(e, node.input[1], node.input[0])
     e("Mul", [dy, e("Sub", [f32(e, 1.0), e("Mul", [y, y])])], node.output[0])
 
 

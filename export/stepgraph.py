@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from taskedge.runtime.bundle import TASK_WEIGHTS, WEIGHTS, WeightEntry
 
-from .backward_act import clip_grads_from_output
+from .backward_act import clip_grads_from_output, recompute_in_backward
 from .graph import GraphEdit
 from .lower import MS, lower, runs_on_plain_ort
 
@@ -82,6 +82,7 @@ def step_graph(training: onnx.ModelProto, data_inputs: List[str], trainable: Lis
     clip_grads_from_output(training)
     _feed_frozen(training, list(data_inputs) + list(trainable), values)
     counts = lower(training)
+    recompute_in_backward(training)
     _clean_opsets(training)
     _drop_hints(training)
     leftover = sorted({n.op_type for n in g.node if not runs_on_plain_ort(n)})

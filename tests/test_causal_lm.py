@@ -34,6 +34,8 @@ def test_export_records_the_chat_template_and_freezes_the_head(tiny):
     assert len(man.layers) == 14                  # 7 projections x 2 layers; embedding / tied head frozen
     step = standard_only(tiny["bundle"])
     assert [i.name for i in step.graph.input][:3] == ["input_ids", "attention_mask", "labels"]
+    # SiLU(gate) is recomputed in the backward (export/backward_act.py), not kept from the forward
+    assert sum(n.op_type == "QuickGelu" for n in step.graph.node) == 2 * 2
 
 
 def test_step_graph_loss_and_gradients_equal_torch(tiny):
