@@ -92,6 +92,15 @@ class BundleEngine:
             state.params[HEAD_BIAS] = h["bias"].reshape(state.params[HEAD_BIAS].shape).copy()
         self.trainer = Trainer(folder, man, state, threads=job["threads"])
         self.base_lr, self.folder = lr, folder
+        if job.get("own_head_lr"):          # the head at the peers' head rate, the delta at `lr`
+            self.trainer._lr_groups = self._two_rates(job["head_lr"])
+
+    def _two_rates(self, head_lr: float):
+        from taskedge.export.head import HEAD_BIAS, HEAD_WEIGHT
+        params = self.trainer.state.params
+        head = {n: a for n, a in params.items() if n in (HEAD_WEIGHT, HEAD_BIAS)}
+        delta = {n: a for n, a in params.items() if n not in head}
+        return lambda: [(delta, self.trainer.lr), (head, head_lr * self.trainer.lr / self.base_lr)]
 
     def step(self, batch, scale: float) -> float:
         loss = self.trainer.train_step(batch)[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .scenario_run import CNN_VARIANTS, FULL, QUICK, QUICK_VARIANTS, _log
+from .scenario_run import CNN_VARIANTS, DEFAULT_VARIANTS, EXTRA_VARIANTS, FULL, QUICK, QUICK_VARIANTS, _log
 from .scenarios import CNNS, SCENARIOS
 
 
@@ -30,7 +30,8 @@ def add_scenario_args(p) -> None:
                    help=f"with --scenarios: models (default {','.join(FULL['models'])}; --quick "
                         f"{','.join(QUICK['models'])})")
     g.add_argument("--cnn-variants", type=_names(list(CNN_VARIANTS), "variant"),
-                   help="with --scenarios: variants (default all: " + ", ".join(CNN_VARIANTS).replace("%", "%%") + ")")
+                   help="with --scenarios: variants (default " + ", ".join(DEFAULT_VARIANTS).replace("%", "%%")
+                        + "; also " + ", ".join(EXTRA_VARIANTS) + ": TaskEdge with its head at the peers' head rate)")
 
 
 def cmd_scenarios(a) -> int:

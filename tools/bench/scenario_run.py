@@ -33,6 +33,8 @@ CNN_VARIANTS = {
     "galore-r4": ("peer", "galore", 4, [1e-3, 3e-3, 1e-2]),
     "taskedge": ("bundle", "taskedge", None, [3e-3, 1e-2, 3e-2]),      # the exporter's default budget
     "taskedge-1%": ("bundle", "taskedge", 0.01, [3e-3, 1e-2, 3e-2]),
+    # not in the default run: TaskEdge with its head at the peers' head rate (HEAD_LR), not adapt's one rate
+    "taskedge+head": ("bundle", "taskedge", None, [3e-3, 1e-2, 3e-2]),
     # PyTorch rows (cnn_torch.py) at the rate the sweep picked for the same method's step graph
     "torch-probe": ("torch", "probe", 0, "probe"),
     "torch-full": ("torch", "full", 0, "full"),
@@ -41,6 +43,8 @@ CNN_VARIANTS = {
     "torch-galore-r4": ("torch", "galore", 4, "galore-r4"),
     "torch-taskedge": ("torch", "taskedge", 0, "taskedge"),
 }
+EXTRA_VARIANTS = OWN_HEAD_RATE = ("taskedge+head",)
+DEFAULT_VARIANTS = [k for k in CNN_VARIANTS if k not in EXTRA_VARIANTS]
 QUICK_VARIANTS = ["probe", "full", "lora-r4", "dora-r4", "galore-r4", "taskedge"]
 HEAD_LR = 1e-2
 # each worker's threads. OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads sleep at barriers instead of
@@ -165,7 +169,7 @@ def run_scenario(model: str, scenario: str, cfg: dict, variants: list, work: Pat
                "lrs": [lrs[len(lrs) // 2]] if cfg.get("one_lr") else lrs, "head_lr": HEAD_LR, "threads": THREADS,
                "steps": cfg["steps"], "batch": cfg["batch"], "warmup": cfg["warmup"], "skip": cfg["skip"],
                "seed": seed, "workdir": str(w), "factory": net["factory"], "head_npz": str(w / "head_init.npz"),
-               "bundle": str(w / "taskedge")}
+               "bundle": str(w / "taskedge"), "own_head_lr": name in OWN_HEAD_RATE}
         (w / f"{name}.job.json").write_text(json.dumps(job))
         try:
             r = _worker(w / f"{name}.job.json")
@@ -211,7 +215,7 @@ def run_scenarios(scenarios, quick: bool = False, steps: int = None, seed: int =
     cfg["one_lr"] = quick
     if steps:
         cfg["steps"] = steps
-    variants = list(variants or (QUICK_VARIANTS if quick else CNN_VARIANTS))
+    variants = list(variants or (QUICK_VARIANTS if quick else DEFAULT_VARIANTS))
     if "torch-taskedge" in variants and "taskedge" not in variants:
         variants.insert(0, "taskedge")          # its allocation comes from the bundle
     t0, cpu0, own0 = time.perf_counter(), _children_cpu(), _own_cpu()
