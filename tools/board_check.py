@@ -39,17 +39,18 @@ def _log(msg: str) -> None:
 
 def reference_losses(folder: Path, train: dict, names: list, steps: int, batch: int, lr: float,
                      nudge: float = 0.0) -> list:
-    """ORT-training (tools/ort_training.py) on its own artifacts, with adapt's schedule and data order.
-    `nudge`: scale the head's weights by (1 + nudge) first (1e-7 is about one float32 ulp): how far
-    the reference itself moves from a rounding-sized change tells how chaotic the run is."""
+    """ORT-training (tools/ort_training.py) on its own artifacts, with adapt's start (the new head at
+    zero: runtime TrainState.fresh), schedule and data order. `nudge`: add it to the head's weights
+    first (1e-7 is about one float32 ulp of 1): how far the reference itself moves from a
+    rounding-sized change tells how chaotic the run is."""
     import taskedge.runtime.ort  # noqa: F401  (onnxruntime without the torch probe, before tools.ort_training)
+    from taskedge.export.head import HEAD_BIAS, HEAD_WEIGHT
     from taskedge.runtime.adapt import batch_indices, lr_at
     from taskedge.tools.ort_training import open_artifacts
 
     ck, trainer = open_artifacts(folder)
-    if nudge:
-        from taskedge.export.head import HEAD_WEIGHT
-        ck.set(HEAD_WEIGHT, (ck.get(HEAD_WEIGHT) * np.float32(1 + nudge)).astype(np.float32))
+    for name, value in ((HEAD_WEIGHT, nudge), (HEAD_BIAS, 0.0)):
+        ck.set(name, np.full_like(ck.get(name), value, dtype=np.float32))
     losses = []
     n = len(train["labels"])
     for step in range(steps):
