@@ -80,8 +80,8 @@ def format_md(rep: dict) -> str:
            f"at the first rate of its sweep (psutil, 5 ms; every rate holds the same tensors; val and test run "
            f"after training at the training batch and are not counted). Learning rate: the best val accuracy of the grid (below; extended once by the next 1-3-10 rate when the best sits on its edge); accuracy = test. Peers' "
            f"new/fitted head trains at {rep['head_lr']:g}; TaskEdge uses one rate for delta and head (as "
-           f"`taskedge adapt`). FLOPs: Conv/ConvTranspose/MatMul/Gemm nodes of the step graph, 2 per "
-           f"multiply-accumulate, forward + backward + loss at this batch (x fwd = over the forward graph); "
+           f"`taskedge adapt`). FLOPs: Conv/ConvTranspose/MatMul/Gemm nodes of the step graph and Muls read only "
+           f"by ReduceSums (written-out multiply-accumulates), 2 per multiply-accumulate, forward + backward + loss at this batch (x fwd = over the forward graph); "
            f"GaLore adds its projections. Load average {rep['loadavg'][0]} -> {rep['loadavg'][1]} on "
            f"{rep['cpus']} shared cores; wall {rep['wall_seconds']:.0f} s, workers' CPU "
            f"{rep.get('worker_cpu_seconds', 0):.0f} s (torch's OpenMP passive, numpy's BLAS on one thread).", ""]
