@@ -181,14 +181,15 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
 
     budget = imp.budget_entries(cfg.budget, num_weights)
     rows_total = sum(op.rows for op in ops)
-    floor = imp.floored(budget, rows_total, cfg.min_entries) if ops and not cfg.lora_rank and union is None else budget
+    per_neuron = bool(ops) and not cfg.lora_rank and union is None     # entries given out one input per neuron
+    floor = imp.floored(budget, rows_total, cfg.min_entries) if per_neuron else budget
     if floor > budget:
         log(f"budget {cfg.budget} of {num_weights} weights = {budget} entries, raised to {floor} "
             f"({100 * floor / num_weights:.2g} %): one input per neuron, at most --min-entries {cfg.min_entries}")
         budget = floor
     k = imp.per_row_k(budget, [op.rows for op in ops])
     # below one entry per neuron: the same share of neurons in every layer trains its best input
-    share = budget / rows_total if ops and not cfg.lora_rank and rows_total > budget and union is None else None
+    share = budget / rows_total if per_neuron and rows_total > budget else None
     if share is not None and budget < len(ops):
         log(f"warning: budget {cfg.budget} of {num_weights} weights = {budget} entries, fewer than the {len(ops)} "
             f"layers: each layer still trains its best input of one neuron ({len(ops)} entries, "

@@ -171,9 +171,10 @@ class ShapeAwareRun:
     a run whose per-example shapes (every axis but the batch axis) differ from the previous run's
     returns them. A fixed-shape stream never shrinks (it would page the same activations in again
     every step), nor does a smaller last batch (its requests fit the chunks there are; shrinking
-    around the evaluation's last batch raised an O-Net bench worker's peak 217 -> 294 MB). Measured, 60 steps, 1 thread:
-    SmolLM2-135M 0.1 % peak 1,341 -> 1,240 MB, CPU per step unchanged (2,745 vs 2,649 ms, load 7-9);
-    shrinking every step of MobileNetV2's fixed-shape step cost +25 % CPU (76 -> 96 ms)."""
+    around the evaluation's last batch raised an O-Net bench worker's peak 217 -> 294 MB).
+    Measured, 60 steps, 1 thread: SmolLM2-135M 0.1 % peak 1,341 -> 1,240 MB, CPU per step
+    unchanged (2,745 vs 2,649 ms, load 7-9); shrinking every step of MobileNetV2's fixed-shape step
+    cost +25 % CPU (76 -> 96 ms)."""
 
     def __init__(self, session):
         self.session, self._last = session, None
@@ -203,7 +204,7 @@ class Trainer:
         self.session = open_session(self.dir / B.STEP_MODEL, threads, self.providers, profile_prefix, self.weights,
                                     READ_IN_PLACE)
         self._run_step = ShapeAwareRun(self.session)
-        self._eval: Optional[ort.InferenceSession] = None
+        self._eval: Optional[ShapeAwareRun] = None
         self.lr = 0.0
         self.reset_grad()
 
