@@ -260,8 +260,8 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
     with staged_dir(cfg.out) as tmp:
         log(f"deriving the backward graph with ORT's gradient builder ({len(trainable)} trainable tensors)")
         t = time.perf_counter()
-        training, evaluation = build(model, trainable, cfg.ort_reference, loss_block, [manifest.logits] if lm else None,
-                                     structure_only=lm)
+        training, _ = build(model, trainable, cfg.ort_reference, loss_block, [manifest.logits] if lm else None,
+                            structure_only=lm)
         if not cfg.dense_backward and indices:
             n = sparsify_backward(training, table, indices)
             log(f"sparse backward: {n} of {len(table)} layers compute their gradient at the used columns only")
@@ -271,7 +271,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         data = [s.name for s in specs] + [B.LABELS_INPUT]
         loss = training.graph.output[0].name
         counts = step_graph(training, data, trainable, loss, manifest.logits, values)
-        eval_graph(evaluation, data, trainable, values)
+        evaluation = eval_graph(training)
         log(f"step graph in standard ONNX ({len(training.graph.node)} nodes; lowered "
             f"{', '.join(f'{k} x{v}' for k, v in sorted(counts.items())) or 'nothing'}) "
             f"in {time.perf_counter() - t:.1f}s")

@@ -68,6 +68,12 @@ def test_step_graph_matches_ort_training_graph(tmp_path, cnn_onnx, mlp_onnx, mod
     np.testing.assert_allclose(got[0], want_loss, rtol=1e-5)
     for name, g in zip(m.trainable_names, got[2:]):
         np.testing.assert_allclose(g, want_grads[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    # the eval graph is the step graph's forward (stepgraph.eval_graph): the same loss and logits
+    loss, logits = tr.eval_step([feeds[n] for n in tr.data_names])
+    np.testing.assert_allclose(loss, got[0], rtol=1e-6)
+    np.testing.assert_allclose(logits, got[1], rtol=1e-5, atol=1e-6)
+    n_eval = len(onnx.load(str(out / "eval_model.onnx"), load_external_data=False).graph.node)
+    assert n_eval < len(onnx.load(str(out / "step_model.onnx"), load_external_data=False).graph.node)
 
 
 def _strided_cnn(path):

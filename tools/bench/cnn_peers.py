@@ -123,10 +123,7 @@ def rewrite(model: onnx.ModelProto, family: str, rank: int, seed: int, head: Lis
 def build_peer(base: onnx.ModelProto, family: str, rank: int, classes: int, seed: int, out: Path,
                head_init: Optional[dict] = None) -> Dict[str, object]:
     """The peer's step and eval graphs + initial state in `out`; returns its description."""
-    try:                    # export/artifacts.py (the exporter's gradient-builder step, being split out)
-        from taskedge.export.artifacts import build as _artifacts, prepare_for_training
-    except ImportError:
-        from taskedge.export.exporter import _artifacts, prepare_for_training
+    from taskedge.export.artifacts import build as _artifacts, prepare_for_training
     from taskedge.export.layers import count_weights
     from taskedge.export.stepgraph import eval_graph, step_graph
     from taskedge.runtime import bundle as B
@@ -135,11 +132,11 @@ def build_peer(base: onnx.ModelProto, family: str, rank: int, classes: int, seed
     num_weights = count_weights(m, exclude=set(head))
     trainable = rewrite(m, family, rank, seed, head)
     prepare_for_training(m)
-    training, evaluation = _artifacts(m, trainable)
+    training, _ = _artifacts(m, trainable)
     values = {t.name: t for t in m.graph.initializer}
     data = [i.name for i in m.graph.input if i.name not in values] + [B.LABELS_INPUT]
     lowered = step_graph(training, data, trainable, training.graph.output[0].name, m.graph.output[0].name, values)
-    eval_graph(evaluation, data, trainable, values)
+    evaluation = eval_graph(training)
     out.mkdir(parents=True, exist_ok=True)
     onnx.save(training, str(out / "step.onnx"))
     onnx.save(evaluation, str(out / "eval.onnx"))
