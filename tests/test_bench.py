@@ -199,3 +199,19 @@ def test_bench_trains_on_the_runtimes_schedule_data_order_and_eval():
             assert not re.search(pattern, text, re.M), (name, pattern)
     assert "from taskedge.runtime.adapt import accuracy, batch_indices, lr_at" in src["worker.py"]
     assert "from taskedge.export.baselines import unscale_update" in src["ort_engines.py"]
+
+
+def test_torch_sparse_delta_trains_only_the_bundles_rows():
+    """The torch twin of a bundle trains what the bundle trains: with `trained_rows` (a budget
+    below one entry per neuron) only those rows get a delta, at their allocated columns."""
+    import torch
+    from taskedge.tools.bench.torch_engine import SparseDelta
+    idx = np.array([[2], [0], [1], [2]])
+    p = SparseDelta(idx, (4, 1, 3), rows=[1, 3])
+    assert tuple(p.delta.shape) == (2, 1)
+    with torch.no_grad():
+        p.delta.copy_(torch.tensor([[5.0], [7.0]]))
+    want = np.zeros((4, 3), np.float32)
+    want[1, 0], want[3, 2] = 5.0, 7.0
+    np.testing.assert_array_equal(p(torch.zeros(4, 1, 3)).reshape(4, 3).numpy(), want)
+    assert tuple(SparseDelta(idx, (4, 3)).delta.shape) == (4, 1)

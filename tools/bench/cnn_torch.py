@@ -91,8 +91,8 @@ def adapt(body: nn.Module, family: str, rank: int, seed: int, bundle=None) -> No
         p.requires_grad_(family in ("full", "galore"))
     if family == "taskedge":
         from .torch_engine import SparseDelta, map_allocation, weight_modules
-        for _, m, idx in map_allocation(weight_modules(body), Path(bundle)):
-            parametrize.register_parametrization(m, "weight", SparseDelta(idx, tuple(m.weight.shape)))
+        for _, m, idx, rows in map_allocation(weight_modules(body), Path(bundle)):
+            parametrize.register_parametrization(m, "weight", SparseDelta(idx, tuple(m.weight.shape), rows))
         return
     if family not in ("lora", "dora"):
         return

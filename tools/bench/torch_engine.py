@@ -49,7 +49,8 @@ def weight_modules(body):
 
 def map_allocation(mods, bundle: Path) -> list:
     """Pair each allocated ONNX weight with its torch module: exact value match (W or W^T), else
-    the next unmatched module of the same rows x cols in forward order (BN-folded convs)."""
+    the next unmatched module of the same rows x cols in forward order (BN-folded convs).
+    Returns (name, module, indices [rows, k], the rows that train or None for all)."""
     import onnx
     from onnx import numpy_helper
     from taskedge.runtime import bundle as B
@@ -69,21 +70,25 @@ def map_allocation(mods, bundle: Path) -> list:
         if hit is None:
             raise RuntimeError(f"no torch module matches {layer.weight} {wr.shape}")
         used.add(hit)
-        pairs.append((rows_view[hit][0], rows_view[hit][1], alloc[layer.weight]))
+        pairs.append((rows_view[hit][0], rows_view[hit][1], alloc[layer.weight], layer.trained_rows))
     return pairs
 
 
 class SparseDelta(nn.Module):
-    """W -> W + scatter_add(delta) over each row's allocated columns (a weight parametrisation)."""
+    """W -> W + scatter_add(delta) at each training row's allocated columns (a weight
+    parametrisation). `rows`: the rows that train (a budget below one entry per neuron, as the
+    bundle's `trained_rows`); None: every row."""
 
-    def __init__(self, idx, shape):
+    def __init__(self, idx, shape, rows=None):
         super().__init__()
-        self.register_buffer("idx", torch.from_numpy(idx.astype(np.int64)))
-        self.delta = nn.Parameter(torch.zeros(idx.shape, dtype=torch.float32))
+        rows = np.arange(idx.shape[0]) if rows is None else np.asarray(rows, np.int64)
+        flat = rows[:, None] * int(np.prod(shape[1:])) + idx[rows].astype(np.int64)    # into W's rows view
+        self.register_buffer("flat", torch.from_numpy(flat.reshape(-1)))
+        self.delta = nn.Parameter(torch.zeros((len(rows), idx.shape[1]), dtype=torch.float32))
         self.shape = shape
 
     def forward(self, w):
-        return w.reshape(w.shape[0], -1).scatter_add(1, self.idx, self.delta).reshape(self.shape)
+        return w.reshape(-1).scatter_add(0, self.flat, self.delta.reshape(-1)).reshape(self.shape)
 
 
 class TorchEngine(Engine):
@@ -119,8 +124,8 @@ class TorchEngine(Engine):
             for p in model.body.parameters():
                 p.requires_grad_(False)
             body = {}
-            for _, m, idx in map_allocation(weight_modules(model.body), Path(v["bundle"])):
-                parametrize.register_parametrization(m, "weight", SparseDelta(idx, tuple(m.weight.shape)))
+            for _, m, idx, rows in map_allocation(weight_modules(model.body), Path(v["bundle"])):
+                parametrize.register_parametrization(m, "weight", SparseDelta(idx, tuple(m.weight.shape), rows))
                 m.parametrizations.weight.original.requires_grad_(False)
                 body[f"delta{len(body)}"] = m.parametrizations.weight[0].delta
         self.params = {**body, "head.weight": model.head.weight, "head.bias": model.head.bias}
