@@ -34,6 +34,7 @@ from .backward import sparsify_backward
 from .graph import MIN_OPSET, ensure_opset, opset_of, unshare_initializers
 from .head import POOLS, add_head, select_output
 from .updates import FORMULATIONS, insert_updates
+from .live import live_weights
 from .stepgraph import eval_graph, grad_names, step_graph, store_weights
 
 
@@ -271,6 +272,9 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         data = [s.name for s in specs] + [B.LABELS_INPUT]
         loss = training.graph.output[0].name
         counts = step_graph(training, data, trainable, loss, manifest.logits, values)
+        n_live = live_weights(training, table)
+        if n_live:
+            log(f"live weights: {n_live} of {len(table)} layers read W' = W + delta as an input the runtime keeps")
         evaluation = eval_graph(training)
         log(f"step graph in standard ONNX ({len(training.graph.node)} nodes; lowered "
             f"{', '.join(f'{k} x{v}' for k, v in sorted(counts.items())) or 'nothing'}) "

@@ -168,6 +168,19 @@ class Emitter:
         return self.node("Reshape", [tensor, same], f"{label}_tied")
 
 
+def tied_to(G: "GraphEdit", tied: str) -> Optional[str]:
+    """The tensor `Emitter.tie_after` tied `tied` after, or None if `tied` is not such a tie (found
+    by the tie's structure, not its names: ORT's optimizer merges the identical parts of ties
+    to one tensor, e.g. of Q, K and V)."""
+    t = tied
+    for op, slot in (("Reshape", 1), ("Concat", 1), ("Cast", 0), ("Slice", 0), ("Reshape", 0)):
+        n = G.producer.get(t)
+        if n is None or n.op_type != op or len(n.input) <= slot:
+            return None
+        t = n.input[slot]
+    return t
+
+
 def unshare_initializers(model: onnx.ModelProto) -> List[str]:
     """Give every consumer of a shared initializer its own copy, so each weight op gets its own
     update path and ORT's gradient builder never derives one gradient name twice (identical

@@ -1,7 +1,8 @@
 """From ORT's training artifacts to the graphs the board runs with plain onnxruntime.
 
 step graph   inputs: model inputs, labels, trainable state      outputs: loss, logits, d(loss)/d(state)
-eval graph   inputs: model inputs, labels, trainable state      outputs: loss, logits
+             (+ the live layers' W', export/live.py)
+eval graph   the step graph's forward: the same inputs              outputs: loss, logits
 base graph   the frozen base inference model (with the new head); `merge` folds the update into it
 
 The frozen weights of all three are stored once, in `weights.bin`, as ONNX external data

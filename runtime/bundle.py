@@ -3,8 +3,9 @@
 A bundle is a folder:
 
     manifest.json          this schema (version, model, method, I/O spec, allocation table, sha256s)
-    step_model.onnx        standard ONNX: (inputs, labels, trainable state) -> loss, logits, gradients
-    eval_model.onnx        standard ONNX: (inputs, labels, trainable state) -> loss, logits
+    step_model.onnx        standard ONNX: (inputs, labels, trainable state, live W') -> loss, logits, gradients
+    eval_model.onnx        standard ONNX: the step graph's forward, (the same inputs) -> loss, logits
+                           (live W': W + delta of the layers marked `live`, kept by runtime/live.py)
     base_model.onnx        the frozen base inference model (with the new head, if any)
     weights.bin            the pretrained model's frozen weights, shared by all three graphs (ONNX
                            external data, page-aligned); the same bytes for every task of one model
@@ -44,11 +45,12 @@ import numpy as np
 from .fsutil import UserError, atomic_write_text, sha256_file
 
 SCHEMA = "taskedge.bundle"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Bundles written with these schema versions can be read by this runtime. Version 1 bundles held
 # ORT training artifacts (they needed onnxruntime-training on the board): export them again.
 # Version 2 kept the task's constants in weights.bin too (no base/task split: no task packs).
-COMPATIBLE_SCHEMA_VERSIONS = (2, 3)
+# Version 4 added live layers (LayerAllocation.live: W' is a graph input the runtime keeps).
+COMPATIBLE_SCHEMA_VERSIONS = (2, 3, 4)
 
 MANIFEST = "manifest.json"
 STEP_MODEL = "step_model.onnx"
@@ -110,6 +112,11 @@ class StepSpec:
     optimizer: Dict[str, object] = field(default_factory=dict)    # {"name": "adamw", "betas": .., ...}
 
 
+def live_input(weight: str) -> str:
+    """The graph input name of a live layer's W' (export/live.py, runtime/live.py)."""
+    return f"{weight}.taskedge_live"
+
+
 def rows_view(w: np.ndarray, op: str, row_axis: int) -> np.ndarray:
     """A weight as [rows, cols], rows being output neurons (a view of `w` where numpy can):
     Conv [Cout, Cin/groups * kh * kw]; MatMul/Gemm W when rows are axis 0, else W^T."""
@@ -134,6 +141,8 @@ class LayerAllocation:
     params: List[str]               # trainable tensors: [delta] or [lora_A, lora_B]
     backward: str = "dense"         # sparse: weight gradient only at the used columns (export/backward.py)
     trained_rows: Optional[List[int]] = None   # budgets below one per neuron: only these rows train (k = 1)
+    live: Optional[str] = None      # the step/eval graph input that reads W' = W + delta, which the runtime
+                                    # keeps (runtime/live.py); None: the graphs build W' themselves
 
     def rows_view(self, w):
         return rows_view(w, self.op, self.row_axis)

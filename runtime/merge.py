@@ -44,9 +44,9 @@ def load_update(bundle_dir: Path, manifest: B.Manifest, update: Optional[str] = 
 
 def dense_delta(layer: B.LayerAllocation, params: Dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
     """The [rows, k] values added at the selected entries."""
-    if len(layer.params) == 2:                      # sparse LoRA: (B @ A) at the mask
+    if len(layer.params) == 2:                      # sparse LoRA: (B @ A) at the mask, only there
         a, b = params[layer.params[0]], params[layer.params[1]]
-        return np.take_along_axis(b @ a, idx, axis=1)
+        return np.einsum("or,rok->ok", b, a[:, idx])
     if layer.trained_rows is not None:              # only some rows train; the others add zero
         full = np.zeros(idx.shape, np.float32)
         full[layer.trained_rows] = params[layer.params[0]]

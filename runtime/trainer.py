@@ -16,6 +16,7 @@ from .ort import onnxruntime as ort
 
 from . import bundle as B
 from .fsutil import UserError
+from .live import LiveWeights
 from .optim import AdamW
 
 
@@ -201,6 +202,7 @@ class Trainer:
         self.data_names = [s.name for s in manifest.inputs] + [B.LABELS_INPUT]
         self.optimizer = AdamW.from_dict(manifest.step.optimizer)
         self.weights = shared_weights(self.dir, manifest)          # kept alive as long as the sessions
+        self.live = LiveWeights(self.dir, manifest)
         self.session = open_session(self.dir / B.STEP_MODEL, threads, self.providers, profile_prefix, self.weights,
                                     READ_IN_PLACE)
         self._run_step = ShapeAwareRun(self.session)
@@ -210,8 +212,15 @@ class Trainer:
 
     # -- steps ------------------------------------------------------------------
     def _feeds(self, batch: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
-        feeds = {n: np.ascontiguousarray(a) for n, a in zip(self.data_names, batch)}
-        feeds.update(self.trained_params())
+        return self.graph_feeds(dict(zip(self.data_names, batch)))
+
+    def graph_feeds(self, data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """The step/eval graphs' feeds: `data` (model inputs, labels), the trainable inputs and the
+        live layers' W' (runtime/live.py), brought up to date with the trainable inputs."""
+        feeds = {n: np.ascontiguousarray(a) for n, a in data.items()}
+        params = self.trained_params()
+        feeds.update(params)
+        feeds.update(self.live.sync(params))
         return feeds
 
     def trained_params(self) -> Dict[str, np.ndarray]:

@@ -86,7 +86,11 @@ def test_small_model_trains_and_only_the_update_is_trainable(tmp_path, mlp_onnx,
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05
     step = standard_only(out)
     inputs = {i.name for i in step.graph.input}
-    assert inputs == set(m.trainable_names) | {"x", B.LABELS_INPUT}
+    live = {l.live for l in m.layers if l.live}           # W' = W + delta, kept by the runtime (export/live.py)
+    assert live == ({B.live_input(l.weight) for l in m.layers} if form == "scatter" else set())
+    assert inputs == set(m.trainable_names) | {"x", B.LABELS_INPUT} | live
+    if live:                                              # no W' is built in the graph any more
+        assert "ScatterElements" not in {n.op_type for n in step.graph.node}
     assert sum(a.size for a in tr.state.params.values()) == m.trainable_params
     assert all(layer.formulation == form for layer in m.layers)
 

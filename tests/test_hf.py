@@ -112,7 +112,8 @@ def _gradients_match_ort(bundle, ref, man, data):
     params = {n: (a + 0.3 * rng.standard_normal(a.shape)).astype(np.float32)
               for n, a in trainer.state.params.items()}
     feeds = {**{s.name: data[s.name][:8] for s in man.inputs}, "labels": data["labels"][:8]}
-    got = trainer.session.run(None, {**feeds, **params})
+    trainer.state.params.update(params)
+    got = trainer.session.run(None, trainer.graph_feeds(feeds))
     want_loss, want = _reference_outputs(ref, feeds, params)
     np.testing.assert_allclose(got[0], want_loss, rtol=1e-5)
     for name, g in zip(man.trainable_names, got[2:]):

@@ -63,7 +63,7 @@ def test_step_graph_matches_ort_training_graph(tmp_path, cnn_onnx, mlp_onnx, mod
     params = {n: (a + 0.3 * rng.standard_normal(a.shape)).astype(np.float32) for n, a in tr.state.params.items()}
     tr.state.params.update(params)
     feeds = {**x, "labels": rng.integers(0, classes, 8).astype(np.int64)}
-    got = tr.session.run(None, {**feeds, **params})
+    got = tr.session.run(None, tr.graph_feeds(feeds))          # live layers' W' from these params
     want_loss, want_grads = _reference_outputs(ref, feeds, params)
     np.testing.assert_allclose(got[0], want_loss, rtol=1e-5)
     for name, g in zip(m.trainable_names, got[2:]):
@@ -109,7 +109,8 @@ def test_sparse_conv_backward_equals_dense(tmp_path, cnn_onnx, model):
         tr = open_trainer(out)
         init = np.random.default_rng(2)
         params = {n: (0.3 * init.standard_normal(a.shape)).astype(np.float32) for n, a in tr.state.params.items()}
-        got = tr.session.run(None, {"pixels": x, "labels": np.arange(8) % 4, **params})
+        tr.state.params.update(params)
+        got = tr.session.run(None, tr.graph_feeds({"pixels": x, "labels": np.arange(8) % 4}))
         grads[sparse] = dict(zip(m.trainable_names, got[2:]))
     assert any(l.k > 1 for l in m.layers)
     for name, g in grads[False].items():

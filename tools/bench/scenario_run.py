@@ -91,7 +91,12 @@ def _count(step: Path, evl: Path, state: Path, batch: dict) -> dict:
     import onnx
     from .flops import graph_flops
     from .worker import load_npz
-    feeds = {"pixels": batch["pixels"], "labels": batch["labels"], **load_npz(state)}
+    from taskedge.runtime import bundle as B
+    from taskedge.runtime.live import LiveWeights
+    params = load_npz(state)
+    feeds = {"pixels": batch["pixels"], "labels": batch["labels"], **params}
+    if (step.parent / B.MANIFEST).is_file():                  # a bundle: its live layers' W' (runtime/live.py)
+        feeds.update(LiveWeights(step.parent, B.read_manifest(step.parent)).sync(params))
     s, e = graph_flops(onnx.load(str(step)), feeds), graph_flops(onnx.load(str(evl)), feeds)
     return {"step": s["total"], "forward": e["total"], "by_op": s}
 
