@@ -50,6 +50,9 @@ class ExportConfig:
     formulation: Dict[str, str] = flag(help="update formulation per op type, e.g. MatMul=gather, Conv=scatter",
                                        metavar="OP=FORM", default_factory=dict, parse=_op_forms)
     dense_backward: bool = flag(False, "keep ORT's dense weight gradient for scatter layers (slower; for comparison)")
+    built_weights: bool = flag(False, "build W' = W + delta inside the step graph (twice a step) instead of reading "
+                                      "it as an input the runtime keeps (export/live.py); for execution providers "
+                                      "that copy graph inputs to a device each run")
     ort_reference: Optional[str] = None         # also write ORT's own training artifacts here (same graph,
                                                 # before lowering): the reference the step graph is checked on
     lr: Optional[float] = flag(None, "learning rate stored in the bundle for adapt (default: none -- adapt then "

@@ -272,7 +272,7 @@ def export_bundle(cfg: ExportConfig, log: Callable[[str], None] = _log) -> B.Man
         data = [s.name for s in specs] + [B.LABELS_INPUT]
         loss = training.graph.output[0].name
         counts = step_graph(training, data, trainable, loss, manifest.logits, values)
-        n_live = live_weights(training, table)
+        n_live = 0 if cfg.built_weights else live_weights(training, table)
         if n_live:
             log(f"live weights: {n_live} of {len(table)} layers read W' = W + delta as an input the runtime keeps")
         evaluation = eval_graph(training)

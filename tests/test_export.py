@@ -95,6 +95,28 @@ def test_small_model_trains_and_only_the_update_is_trainable(tmp_path, mlp_onnx,
     assert all(layer.formulation == form for layer in m.layers)
 
 
+@pytest.mark.parametrize("extra", [{}, {"budget": 0.01, "min_entries": 0}, {"lora_rank": 2}])
+def test_live_weights_train_exactly_as_weights_built_in_the_graph(tmp_path, mlp_onnx, mlp_data, extra):
+    """export/live.py + runtime/live.py: W' read as an input the runtime keeps gives the same
+    losses and the same trained state, step for step, as W' built in the step graph (plain delta,
+    a budget below one entry per neuron, sparse LoRA); the base weights file is not written."""
+    runs = {}
+    for built in (False, True):
+        out = tmp_path / f"b{built}"
+        m = export_bundle(ExportConfig(model=str(mlp_onnx), out=str(out), calib=str(mlp_data / "train.npz"),
+                                       num_classes=3, formulation={"Gemm": "scatter"}, built_weights=built,
+                                       **{"budget": 0.05, **extra}), log=lambda s: None)
+        assert all(bool(l.live) != built for l in m.layers)
+        before = (out / B.WEIGHTS).read_bytes()
+        x, y = make_task()
+        tr, losses = _train(out, x, y, steps=15)
+        assert (out / B.WEIGHTS).read_bytes() == before
+        runs[built] = losses, tr.state.params
+    assert runs[False][0] == runs[True][0]
+    for name, a in runs[True][1].items():
+        np.testing.assert_array_equal(runs[False][1][name], a, err_msg=name)
+
+
 def test_conv_depthwise_and_3d_matmul_bundle_trains_with_nm(tmp_path, cnn_onnx):
     rng = np.random.default_rng(0)
     px = rng.standard_normal((128, 1, 8, 8)).astype(np.float32)
