@@ -14,7 +14,7 @@ def inspect_bundle(folder, verify: bool = True) -> dict:
     with np.load(folder / B.ALLOCATION, allow_pickle=False) as z:
         min_k = {k: int(z[k].shape[1]) if z[k].size else 0 for k in z.files}
     layers = [{"layer": l.layer, "op": l.op, "weight": l.weight, "shape": l.weight_shape, "rows": l.rows,
-               "cols": l.cols, "k": l.k, "formulation": l.formulation, "trainable": l.trainable,
+               "cols": l.cols, "k": l.k, "formulation": l.formulation, "live": bool(l.live), "trainable": l.trainable,
                "share_of_layer": l.trainable / max(1, l.rows * l.cols), "min_inputs_per_neuron": min_k.get(l.weight)}
               for l in m.layers]
     return {"bundle": str(folder), "model": m.model_name, "schema_version": m.schema_version,
@@ -39,6 +39,9 @@ def format_inspect(info: dict) -> str:
     if share:
         lines.append(f"budget below one input per neuron: {100 * share:.1f} % of the neurons of every layer "
                      "(chosen by importance) train one input each")
+    live = sum(1 for l in info["layers"] if l.get("live"))
+    if live:
+        lines.append(f"live weights: {live} layers read W' = W + delta as an input the runtime keeps (export/live.py)")
     lines.append(f"head (new, dense, counted apart): {info['head_params']}")
     lines.append(f"total trainable: {info['trainable_params']}")
     return "\n".join(lines)
