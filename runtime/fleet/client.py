@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -33,14 +33,11 @@ class RoundSession(Session):
         super().__init__(bundle_dir, opts, log=lambda m: print(f"[fleet board] {m}", file=sys.stderr, flush=True))
         self.start = start
 
-    def _open(self, ckpt_path: Optional[Path]) -> None:
-        super()._open(ckpt_path)
-        if ckpt_path is None:
-            s = self.start
-            self.trainer.state = TrainState({k: a.copy() for k, a in s.params.items()},
-                                            {k: a.copy() for k, a in s.m.items()},
-                                            {k: a.copy() for k, a in s.v.items()}, s.updates)
-            self.trainer.reset_grad()
+    def start_state(self) -> TrainState:
+        s = self.start
+        self.head_start = "global" if self.manifest.head else None
+        return TrainState({k: a.copy() for k, a in s.params.items()}, {k: a.copy() for k, a in s.m.items()},
+                          {k: a.copy() for k, a in s.v.items()}, s.updates)
 
 
 def _start_state(run_dir: Path, names, global_state: Dict[str, np.ndarray]) -> TrainState:

@@ -200,17 +200,13 @@ class Session:
         return lr
 
     def _open(self, ckpt_path: Optional[Path]) -> None:
-        """Load the trainable state of a checkpoint (None: --init's start, else the bundle's initial state); the
-        onnxruntime session is created once and kept."""
+        """Load the trainable state of a checkpoint (None: `start_state()`); the onnxruntime session is
+        created once and kept."""
         mix = self.opts.mix                                   # --init gates: the state is gates + head
         if ckpt_path is not None:
             state = TrainState.from_file(ckpt_path, mix.names if mix else self.manifest.trainable_names)
-        elif self.opts.initial is not None:                  # --init: a start carried over from a stored task
-            state = TrainState({k: np.array(v, dtype=np.float32) for k, v in self.opts.initial.items()})
-            self.head_start = "--init"
         else:
-            state = TrainState.fresh(self.dir, self.manifest)     # a new head starts at zero
-            self.head_start = "zero" if self.manifest.head else None
+            state = self.start_state()
         if self.trainer is None:
             make = Trainer if mix is None else functools.partial(GatedTrainer, mix=mix)
             self.trainer = make(self.dir, self.manifest, state, device=self.opts.device, threads=self.opts.threads,
@@ -218,6 +214,16 @@ class Session:
         else:
             self.trainer.state = state
             self.trainer.reset_grad()
+
+    def start_state(self) -> TrainState:
+        """The state a run starts from when there is no checkpoint to resume: --init's start carried
+        over from a stored task, else the bundle's initial state with a new head at zero. (A fleet
+        round starts from the global state instead: fleet/client.py.)"""
+        if self.opts.initial is not None:
+            self.head_start = "--init"
+            return TrainState({k: np.array(v, dtype=np.float32) for k, v in self.opts.initial.items()})
+        self.head_start = "zero" if self.manifest.head else None
+        return TrainState.fresh(self.dir, self.manifest)
 
     def _save(self) -> Path:
         """A checkpoint of now: the trainable state and the RunState, energy and seconds brought up to date."""
