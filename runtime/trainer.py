@@ -8,6 +8,7 @@ AdamW moments and the update count. It is what a checkpoint holds.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -46,11 +47,18 @@ class TrainState:
             state.params[name] = np.zeros_like(state.params[name])
         return state
 
+    # A checkpoint is one .npz of five members: the values, first and second moments of every tensor as
+    # three flat float32 arrays (in `layout` order), the layout as JSON and the update count. One member per
+    # tensor and kind cost ~300 B of zip and .npy headers each: MobileNetV2 at 0.1 %, 162 members, 48 of 228 kB.
+    KINDS = ("param", "m", "v")
+
     def to_bytes(self) -> bytes:
-        arrays = {f"param/{k}": a for k, a in self.params.items()}
-        arrays.update({f"m/{k}": a for k, a in self.m.items()})
-        arrays.update({f"v/{k}": a for k, a in self.v.items()})
-        arrays["updates"] = np.array(self.updates, dtype=np.int64)
+        names = list(self.params)
+        arrays = {"layout": np.array(json.dumps([[n, list(self.params[n].shape)] for n in names])),
+                  "updates": np.array(self.updates, dtype=np.int64)}
+        for kind, tensors in zip(self.KINDS, (self.params, self.m, self.v)):
+            arrays[kind] = np.concatenate([np.asarray(tensors[n], np.float32).reshape(-1) for n in names]) \
+                if names else np.zeros(0, np.float32)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         return buf.getvalue()
@@ -59,9 +67,25 @@ class TrainState:
     def from_file(cls, path, names: Sequence[str]) -> "TrainState":
         try:
             with np.load(path, allow_pickle=False) as z:
-                parts = [{n: z[f"{kind}/{n}"] for n in names} for kind in ("param", "m", "v")]
+                if "layout" not in z.files:                  # written before the packed layout: a member per tensor
+                    parts = [{n: z[f"{kind}/{n}"] for n in names} for kind in cls.KINDS]
+                    return cls(*parts, updates=int(z["updates"]))
+                layout = {n: tuple(shape) for n, shape in json.loads(str(z["layout"][()]))}
+                order = list(layout)
+                missing = [n for n in names if n not in layout]
+                if missing:
+                    raise KeyError(f"no tensor {missing[0]!r}")
+                sizes = [int(np.prod(layout[n])) for n in order]
+                ends = np.cumsum(sizes)
+                parts = []
+                for kind in cls.KINDS:
+                    flat = z[kind]
+                    if flat.dtype != np.float32 or len(flat) != (ends[-1] if sizes else 0):
+                        raise ValueError(f"{kind}: {len(flat)} {flat.dtype} values, the layout holds {sum(sizes)}")
+                    split = {n: flat[e - k:e].reshape(layout[n]) for n, k, e in zip(order, sizes, ends)}
+                    parts.append({n: split[n] for n in names})
                 return cls(*parts, updates=int(z["updates"]))
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path}: not a TaskEdge checkpoint of this bundle ({type(e).__name__}: {e})") from None
 
     def finite(self) -> bool:

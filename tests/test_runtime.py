@@ -177,10 +177,19 @@ def test_bad_data_is_named(tmp_path, mlp_bundle):
 def test_checkpoint_holds_only_the_trainable_state(tmp_path, mlp_bundle, mlp_data):
     rep = _adapt(mlp_bundle, mlp_data / "train.npz", tmp_path / "run", "--steps", "5")
     man = B.load_bundle(mlp_bundle)
-    with np.load(rep["checkpoint"]) as z:
-        assert sorted(z.files) == sorted([f"{k}/{n}" for k in ("param", "m", "v") for n in man.trainable_names]
-                                         + ["updates"])
+    with np.load(rep["checkpoint"]) as z:             # packed: three flat arrays, the layout, the update count
+        assert sorted(z.files) == ["layout", "m", "param", "updates", "v"]
+        assert [n for n, _ in json.loads(str(z["layout"][()]))] == list(man.trainable_names)
+        assert len(z["param"]) == len(z["m"]) == len(z["v"]) == man.trainable_params
         assert int(z["updates"]) == 5
+    from taskedge.runtime.trainer import TrainState
+    state = TrainState.from_file(rep["checkpoint"], man.trainable_names)
+    assert sum(a.size for a in state.params.values()) == man.trainable_params
+    old = tmp_path / "old.npz"                       # a member per tensor (checkpoints before the packed layout)
+    np.savez(old, updates=np.array(5), **{f"{k}/{n}": getattr(state, a)[n] for k, a in
+                                          (("param", "params"), ("m", "m"), ("v", "v")) for n in man.trainable_names})
+    again = TrainState.from_file(old, man.trainable_names)
+    assert again.updates == 5 and all(np.array_equal(again.v[n], state.v[n]) for n in man.trainable_names)
     assert rep["checkpoint_bytes"] == (tmp_path / "run" / "ckpt-00000005").stat().st_size
     assert rep["checkpoint_write_seconds"] is not None
 
