@@ -102,10 +102,7 @@ def _rewrite_layer(G: GraphEdit, layer: LayerAllocation, idx_rows: np.ndarray) -
         tied = e.tie_after(scatter.input[2], upd_grad, "_upd_after_grad")
         e("ScatterElements", [scatter.input[0], scatter.input[1], tied], rebuilt, axis=axis)
         G.insert_before(later[0], e.nodes)
-        for n in later:
-            for i, name in enumerate(n.input):
-                if name == wp:
-                    n.input[i] = rebuilt
+        G.rewire(wp, rebuilt, later)
     return True
 
 

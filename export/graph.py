@@ -17,9 +17,18 @@ def opset_of(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
+def reads(node: onnx.NodeProto) -> List[str]:
+    """Every tensor a node reads, its subgraphs' outer-scope reads included."""
+    names = [i for i in node.input if i]
+    for a in node.attribute:
+        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            names += [i for n in sub.node for i in reads(n)]
+    return names
+
+
 def prune_unused_initializers(model: onnx.ModelProto) -> None:
     """Drop initializers no node and no graph output reads."""
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    used = {i for n in model.graph.node for i in reads(n)} | {o.name for o in model.graph.output}
     keep = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
@@ -76,6 +85,13 @@ class GraphEdit:
         self.insert_before(node, nodes)
         self.remove(node)
 
+    def rewire(self, old: str, new: str, nodes: Optional[List[onnx.NodeProto]] = None) -> None:
+        """`nodes` (default: every consumer of `old`) read `new` where they read `old`."""
+        for n in self.consumers.get(old, []) if nodes is None else nodes:
+            for i, name in enumerate(n.input):
+                if name == old:
+                    n.input[i] = new
+
     def commit(self) -> None:
         """Splice the new nodes in, drop dead ones, keep a valid topological order."""
         nodes, self._new_consts = list(self._new_consts), []
@@ -86,7 +102,7 @@ class GraphEdit:
             nodes += self.after.get(id(n), [])
         outputs = {o.name for o in self.g.output}
         while True:
-            used = {i for n in nodes for i in n.input} | outputs
+            used = {i for n in nodes for i in reads(n)} | outputs
             live = [n for n in nodes if any(o in used for o in n.output)]
             if len(live) == len(nodes):
                 break

@@ -19,9 +19,14 @@ from typing import List
 
 import onnx
 
-from taskedge.runtime.bundle import LayerAllocation, live_input
+from taskedge.runtime.bundle import LayerAllocation
 
 from .graph import Emitter, GraphEdit, tied_to
+
+
+def live_input(weight: str) -> str:
+    """The graph input that carries a live layer's W' (the manifest records it: `LayerAllocation.live`)."""
+    return f"{weight}.taskedge_live"
 
 
 def live_weights(model: onnx.ModelProto, table: List[LayerAllocation]) -> int:
@@ -47,11 +52,8 @@ def live_weights(model: onnx.ModelProto, table: List[LayerAllocation]) -> int:
         e = Emitter(G, f"{w}.taskedge_live_")
         tied = e.tie_after(name, after, "after_x")
         G.insert_before(fwd, e.nodes)
-        for old, new in ((built, tied), (f"{built}_bwd", name)):
-            for n in G.consumers.get(old, []):
-                for i, t in enumerate(n.input):
-                    if t == old:
-                        n.input[i] = new
+        G.rewire(built, tied)
+        G.rewire(f"{built}_bwd", name)
         layer.live = name
         done += 1
     if done:

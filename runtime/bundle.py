@@ -112,11 +112,6 @@ class StepSpec:
     optimizer: Dict[str, object] = field(default_factory=dict)    # {"name": "adamw", "betas": .., ...}
 
 
-def live_input(weight: str) -> str:
-    """The graph input name of a live layer's W' (export/live.py, runtime/live.py)."""
-    return f"{weight}.taskedge_live"
-
-
 def rows_view(w: np.ndarray, op: str, row_axis: int) -> np.ndarray:
     """A weight as [rows, cols], rows being output neurons (a view of `w` where numpy can):
     Conv [Cout, Cin/groups * kh * kw]; MatMul/Gemm W when rows are axis 0, else W^T."""

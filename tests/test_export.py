@@ -12,6 +12,7 @@ from taskedge.export import importance as imp
 from taskedge.export.calibrate import activation_norms
 from taskedge.export.config import ExportConfig
 from taskedge.export.exporter import export_bundle
+from taskedge.export.live import live_input
 from taskedge.export.layers import find_weight_ops
 from taskedge.runtime import bundle as B
 
@@ -87,7 +88,7 @@ def test_small_model_trains_and_only_the_update_is_trainable(tmp_path, mlp_onnx,
     step = standard_only(out)
     inputs = {i.name for i in step.graph.input}
     live = {l.live for l in m.layers if l.live}           # W' = W + delta, kept by the runtime (export/live.py)
-    assert live == ({B.live_input(l.weight) for l in m.layers} if form == "scatter" else set())
+    assert live == ({live_input(l.weight) for l in m.layers} if form == "scatter" else set())
     assert inputs == set(m.trainable_names) | {"x", B.LABELS_INPUT} | live
     if live:                                              # no W' is built in the graph any more
         assert "ScatterElements" not in {n.op_type for n in step.graph.node}
